@@ -1,0 +1,257 @@
+"""The abstract :class:`CurvatureOperator`: a symmetric ``P x P`` matrix known through products.
+
+A backend implements two small pieces for one mini-batch: :meth:`_batch_context`
+(everything that does not depend on the vector, e.g. the forward pass) and
+:meth:`_batch_matvec` (the product with one vector). The base class turns them into
+products with vectors, matrices (the columns batched with :func:`torch.func.vmap`)
+and parameter-shaped lists, streams the data through the one data loop
+(:func:`curvopt.curvature.data_loop.accumulate`) and, with ``cache=True``, keeps the
+per-batch contexts until a parameter changes. Layout follows curvlinops (Dangel et al.).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from curvopt.curvature.data_loop import accumulate, check_data
+from curvopt.curvature.losses import loss_reduction
+from curvopt.curvature.params import Block, custom_blocks, module_blocks, select_parameters
+from curvopt.errors import ShapeError
+
+TensorList = list[torch.Tensor]
+
+
+class CurvatureOperator(ABC):
+    """A curvature matrix of the empirical risk ``L(theta)``, applied matrix-free.
+
+    The risk is the loss's own reduction over all samples of ``data``: the mean over
+    samples for ``reduction="mean"`` (each batch weighted by its size), the sum for
+    ``reduction="sum"``. The operator is evaluated at the model's current parameters.
+
+    Args:
+        model: The network; device and dtype of the operator follow its parameters.
+        loss_fn: ``loss_fn(model(X), y) -> scalar``.
+        data: One ``(X, y)`` batch or an iterable of batches (a list, a ``DataLoader``).
+            Floating-point inputs and targets are cast to the model's dtype and moved
+            to its device.
+        params: Parameters (tensors or names) to differentiate; default: every
+            parameter with ``requires_grad``. Others are held fixed.
+        blocks: Grouping of the parameters into ``op.blocks``: ``{name: [param names]}``
+            or a list of lists; default: one block per module, named by module path.
+        reduction: Override of the loss's ``reduction`` attribute (``"mean"``/``"sum"``).
+        cache: Keep each batch's linearization between products (faster repeated
+            products at the same parameters, e.g. in Krylov solvers, at the price of
+            memory for every batch's intermediates). Invalidated automatically when a
+            selected parameter is modified in place.
+        process_group: ``torch.distributed`` group whose ranks' data together form the
+            risk; default: the default group when one is initialized.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        data: Any,
+        *,
+        params: Iterable[torch.Tensor | str] | None = None,
+        blocks: Sequence[Sequence[str]] | dict[str, Sequence[str]] | None = None,
+        reduction: str | None = None,
+        cache: bool = False,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        check_data(data)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.param_names, self._params = select_parameters(model, params)
+        self.reduction = loss_reduction(loss_fn, reduction)
+        self.blocks: tuple[Block, ...] = (
+            module_blocks(self.param_names, self._params)
+            if blocks is None
+            else custom_blocks(blocks, self.param_names, self._params)
+        )
+        self.cache = bool(cache)
+        self.process_group = process_group
+        self._cached: tuple[tuple[int, ...], list[tuple[Any, Any, Any]]] | None = None
+
+    # ------------------------------------------------------------------ shape & type
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(P, P)`` with ``P`` the number of selected scalar parameters."""
+        p = sum(t.numel() for t in self._params)
+        return (p, p)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the selected parameters."""
+        return self._params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the selected parameters."""
+        return self._params[0].device
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The selected parameter tensors, in model order."""
+        return list(self._params)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, shape={self.shape}, "
+            f"blocks={len(self.blocks)}, dtype={self.dtype}, device={self.device})"
+        )
+
+    # ------------------------------------------------------------------ products
+    def __matmul__(self, x: torch.Tensor | Sequence[torch.Tensor]) -> Any:
+        """Multiply by a flat vector ``[P]``, a matrix ``[P, k]`` or a parameter-shaped list.
+
+        Returns the same format as the input, in the operator's dtype and device.
+        """
+        if isinstance(x, torch.Tensor):
+            if x.dim() == 1 and x.shape[0] == self.shape[0]:
+                return self.matmat(x.unsqueeze(1)).squeeze(1)
+            if x.dim() == 2 and x.shape[0] == self.shape[0]:
+                return self.matmat(x)
+            raise ShapeError(
+                f"{type(self).__name__} has shape {self.shape}: expected a vector of shape "
+                f"({self.shape[0]},) or a matrix of shape ({self.shape[0]}, k), got "
+                f"{tuple(x.shape)}"
+            )
+        if isinstance(x, (list, tuple)):
+            V = self._check_list(x)
+            return [r.squeeze(0) for r in self._matmat_list([v.unsqueeze(0) for v in V])]
+        raise TypeError(
+            f"cannot multiply {type(self).__name__} with {type(x).__name__}; use a tensor "
+            "of shape [P] or [P, k], or a list of tensors shaped like the parameters"
+        )
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``A @ V`` for ``V`` of shape ``[P, k]``; columns are batched, one data pass."""
+        if V.dim() != 2 or V.shape[0] != self.shape[0]:
+            raise ShapeError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
+        V = V.to(device=self.device, dtype=self.dtype)
+        out = self._matmat_list(self.unflatten(V.T))
+        return self.flatten(out).T
+
+    def to_dense(self, chunk_size: int = 128) -> torch.Tensor:
+        """The ``P x P`` matrix, built from products with identity columns (tests, tiny models)."""
+        P = self.shape[0]
+        eye = torch.eye(P, dtype=self.dtype, device=self.device)
+        cols = [self.matmat(eye[:, i : i + chunk_size]) for i in range(0, P, chunk_size)]
+        return torch.cat(cols, dim=1)
+
+    # ------------------------------------------------------------------ conversions
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[k, *shape_i]`` tensors per parameter -> ``[k, P]``."""
+        return torch.cat([t.reshape(t.shape[0], -1) for t in tensors], dim=1)
+
+    def unflatten(self, V: torch.Tensor) -> TensorList:
+        """``[k, P]`` -> ``[k, *shape_i]`` tensors per parameter."""
+        sizes = [p.numel() for p in self._params]
+        return [
+            chunk.reshape(V.shape[0], *p.shape)
+            for chunk, p in zip(V.split(sizes, dim=1), self._params)
+        ]
+
+    def _check_list(self, x: Sequence[torch.Tensor]) -> TensorList:
+        expected = [tuple(p.shape) for p in self._params]
+        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in x]
+        if got != expected:
+            raise ShapeError(
+                f"expected a list of {len(expected)} tensors shaped like the parameters "
+                f"{dict(zip(self.param_names, expected))}, got {got}"
+            )
+        return [t.to(device=self.device, dtype=self.dtype) for t in x]
+
+    # ------------------------------------------------------------------ the data pass
+    def _matmat_list(self, V: TensorList) -> TensorList:
+        """Products with ``k`` columns given as ``[k, *shape_i]`` per parameter."""
+        versions = self._versions()
+        if self.cache and self._cached is not None and self._cached[0] == versions:
+            contexts = self._cached[1]
+            return accumulate(
+                lambda i, X, y: self._product(contexts[i][2], V),
+                [(X, y) for X, y, _ in contexts],
+                reduction=self.reduction,
+                process_group=self.process_group,
+            )
+        fresh: list[tuple[Any, Any, Any]] = []
+
+        def product(index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
+            X, y = self._to_model(X), self._to_model(y)
+            ctx = self._batch_context(index, X, y)
+            if self.cache:
+                fresh.append((X, y, ctx))
+            return self._product(ctx, V)
+
+        result = accumulate(
+            product, self.data, reduction=self.reduction, process_group=self.process_group
+        )
+        if self.cache:
+            self._cached = (versions, fresh)
+        return result
+
+    def _product(self, ctx: Any, V: TensorList) -> tuple[torch.Tensor, TensorList]:
+        if V[0].shape[0] == 1:
+            loss, out = self._batch_matvec(ctx, [v[0] for v in V])
+            return loss, [o.unsqueeze(0) for o in out]
+        loss, out = vmap(lambda v: self._batch_matvec(ctx, v), out_dims=(None, 0))(V)
+        return loss, list(out)
+
+    def clear_cache(self) -> None:
+        """Drop cached linearizations (they are also dropped when a parameter changes)."""
+        self._cached = None
+
+    def _versions(self) -> tuple[int, ...]:
+        # In-place updates (optimizer steps, copy_) bump a tensor's version counter.
+        return tuple(p._version for p in self._params)
+
+    def _to_model(self, t: Any) -> Any:
+        if isinstance(t, (tuple, list)):
+            return type(t)(self._to_model(u) for u in t)
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.is_floating_point():
+            return t.to(device=self.device, dtype=self.dtype)
+        return t.to(device=self.device)
+
+    # ------------------------------------------------------------------ helpers for backends
+    def _primal(self) -> tuple[torch.Tensor, ...]:
+        """The selected parameters, detached, as the point of linearization."""
+        return tuple(p.detach() for p in self._params)
+
+    def _forward(self, params: Sequence[torch.Tensor], X: Any) -> torch.Tensor:
+        """``model(X)`` with the selected parameters replaced by ``params``."""
+        args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+        out = functional_call(self.model, dict(zip(self.param_names, params)), args)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"{type(self.model).__name__} returned a {type(out).__name__}; curvature "
+                "operators need a model that returns one tensor"
+            )
+        return out
+
+    @abstractmethod
+    def _batch_context(self, index: int, X: Any, y: torch.Tensor) -> Any:
+        """Everything about batch ``index`` that does not depend on the vector."""
+
+    @abstractmethod
+    def _batch_matvec(self, ctx: Any, v: TensorList) -> tuple[torch.Tensor, TensorList]:
+        """``(batch loss, A_batch @ v)`` for one vector given per parameter.
+
+        Must be a pure function of ``v`` built from ``torch.func`` transforms, so that
+        :func:`torch.func.vmap` batches it over columns.
+        """

@@ -1,0 +1,153 @@
+"""The one data loop: every operator that streams over data goes through :func:`accumulate`.
+
+It weights each batch by its size so that the result is the exact mean over all
+samples (a short last batch included), and it is the single place where results
+are all-reduced when a ``torch.distributed`` process group is active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from curvopt.errors import EmptyDataError, NonFiniteLossError
+
+Batch = tuple[Any, torch.Tensor]
+BatchProduct = Callable[[int, Any, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+
+
+def is_single_batch(data: Any) -> bool:
+    """Whether ``data`` is one ``(X, y)`` pair rather than an iterable of batches."""
+    return (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], torch.Tensor)
+        and (isinstance(data[0], torch.Tensor) or _is_tensor_tuple(data[0]))
+    )
+
+
+def _is_tensor_tuple(x: Any) -> bool:
+    return isinstance(x, (tuple, list)) and len(x) > 0 and all(isinstance(t, torch.Tensor) for t in x)
+
+
+def check_data(data: Any) -> None:
+    """Reject data that cannot be iterated more than once, or that is visibly empty.
+
+    Raises:
+        EmptyDataError: for an empty sized collection or an empty single batch.
+        TypeError: for a one-shot iterator (a generator), which a second product would
+            find exhausted.
+    """
+    if is_single_batch(data):
+        if batch_size(data[0]) == 0:
+            raise EmptyDataError("data holds an (X, y) batch with 0 samples")
+        return
+    if not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be an (X, y) pair of tensors or an iterable of such pairs, "
+            f"got {type(data).__name__}"
+        )
+    if isinstance(data, Iterator):
+        raise TypeError(
+            "data is a one-shot iterator (e.g. a generator); curvature operators pass "
+            "over the data once per product, so give a list of batches or a DataLoader"
+        )
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise EmptyDataError("data holds no batches")
+
+
+def batch_size(X: Any) -> int:
+    """Number of samples in a model input (a tensor or a tuple of tensors)."""
+    first = X[0] if _is_tensor_tuple(X) else X
+    return int(first.shape[0]) if first.dim() > 0 else 1
+
+
+def iterate_batches(data: Any) -> Iterator[Batch]:
+    """Yield ``(X, y)`` pairs from one batch or an iterable of batches."""
+    if is_single_batch(data):
+        yield data[0], data[1]
+        return
+    for i, item in enumerate(data):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(
+                f"batch {i} is a {type(item).__name__}; every batch must be an (X, y) pair"
+            )
+        yield item[0], item[1]
+
+
+def accumulate(
+    product: BatchProduct,
+    data: Any,
+    *,
+    reduction: str,
+    process_group: Any = None,
+) -> list[torch.Tensor]:
+    """Sum per-batch results into the curvature of the whole empirical risk.
+
+    Args:
+        product: ``product(index, X, y) -> (loss, tensors)`` evaluated on one batch with
+            the loss's own reduction; ``loss`` is the batch loss (a scalar tensor).
+        data: One ``(X, y)`` batch or an iterable of them.
+        reduction: ``"mean"``: the risk is the mean over all samples, so batch ``b`` is
+            weighted by ``N_b / N``; ``"sum"``: the risk is the sum, weight 1.
+        process_group: A ``torch.distributed`` group to all-reduce over; ``None`` uses
+            the default group when one is initialized, and no communication otherwise.
+
+    Returns:
+        The accumulated tensors.
+
+    Raises:
+        EmptyDataError: when the data holds no samples (on every rank).
+        NonFiniteLossError: naming the first batch whose loss is not finite.
+    """
+    total: list[torch.Tensor] | None = None
+    losses: list[torch.Tensor] = []
+    n_samples = 0
+    for index, (X, y) in enumerate(iterate_batches(data)):
+        n = batch_size(X)
+        if n == 0:
+            losses.append(torch.zeros(()))
+            continue
+        loss, parts = product(index, X, y)
+        losses.append(loss.detach())
+        weight = float(n) if reduction == "mean" else 1.0
+        scaled = [weight * t for t in parts]
+        total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
+        n_samples += n
+    # One synchronisation at the end rather than one per batch.
+    if losses:
+        finite = torch.isfinite(torch.stack([loss.float().cpu() for loss in losses]))
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            raise NonFiniteLossError(bad, float(losses[bad]))
+
+    group_active = dist.is_available() and dist.is_initialized()
+    if group_active:
+        total, n_samples = _all_reduce(total, n_samples, process_group)
+    if total is None or n_samples == 0:
+        raise EmptyDataError("data holds no samples: every batch is empty")
+    if reduction == "mean":
+        total = [t / n_samples for t in total]
+    return total
+
+
+def _all_reduce(
+    total: list[torch.Tensor] | None, n_samples: int, group: Any
+) -> tuple[list[torch.Tensor], int]:
+    if total is None:
+        # The collective needs the result's shapes, which only a product tells.
+        raise EmptyDataError(
+            "this rank's data holds no samples; every rank needs at least one sample"
+        )
+    count = torch.tensor([float(n_samples)], dtype=total[0].dtype, device=total[0].device)
+    flat = torch.cat([t.reshape(-1) for t in total] + [count])
+    dist.all_reduce(flat, group=group)
+    n_samples = int(round(float(flat[-1])))
+    out, offset = [], 0
+    for t in total:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out, n_samples

@@ -1,0 +1,147 @@
+"""Selecting the parameters an operator acts on, and grouping them into blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from curvopt.errors import ParameterError
+
+
+@dataclass(frozen=True)
+class Block:
+    """A group of parameters treated as one diagonal block.
+
+    Attributes:
+        name: Module path (e.g. ``"features.0"``) or a user-given group name.
+        param_names: Names (as in ``model.named_parameters()``) of the parameters.
+        indices: Positions of those parameters in the operator's parameter list.
+        numel: Number of scalar entries in the block.
+    """
+
+    name: str
+    param_names: tuple[str, ...]
+    indices: tuple[int, ...]
+    numel: int
+
+
+def select_parameters(
+    model: nn.Module, params: Iterable[torch.Tensor | str] | None
+) -> tuple[list[str], list[torch.Tensor]]:
+    """Resolve a parameter selection to ``(names, tensors)`` in model order.
+
+    Args:
+        model: The network.
+        params: ``None`` for every parameter with ``requires_grad``, otherwise an
+            iterable of parameter tensors of ``model`` or of their names.
+
+    Raises:
+        ParameterError: for a tensor the model does not own, an unknown name, a
+            duplicate, or an empty selection.
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+        if not chosen:
+            raise ParameterError(
+                f"{type(model).__name__} has no parameter with requires_grad=True; "
+                "pass params=... to choose some explicitly"
+            )
+        return [n for n, _ in chosen], [p for _, p in chosen]
+
+    if isinstance(params, (torch.Tensor, str)):
+        params = [params]
+    by_id = {id(p): n for n, p in named}
+    by_name = dict(named)
+    wanted: set[str] = set()
+    for i, p in enumerate(params):
+        if isinstance(p, str):
+            if p not in by_name:
+                raise ParameterError(
+                    f"params[{i}]: {type(model).__name__} has no parameter named {p!r}; "
+                    f"valid names: {', '.join(by_name)}"
+                )
+            name = p
+        elif isinstance(p, torch.Tensor):
+            if id(p) not in by_id:
+                raise ParameterError(
+                    f"params[{i}] (a tensor of shape {tuple(p.shape)}) is not a parameter "
+                    f"of the model {type(model).__name__}"
+                )
+            name = by_id[id(p)]
+        else:
+            raise ParameterError(
+                f"params[{i}] is a {type(p).__name__}; expected a parameter tensor or its name"
+            )
+        if name in wanted:
+            raise ParameterError(f"params[{i}]: parameter {name!r} is selected twice")
+        wanted.add(name)
+    if not wanted:
+        raise ParameterError("params is empty; select at least one parameter")
+    chosen = [(n, p) for n, p in named if n in wanted]
+    return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+def module_blocks(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> tuple[Block, ...]:
+    """One block per module that owns selected parameters, named by module path.
+
+    Parameters directly on the root module form a block named ``""``.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n.rpartition(".")[0], []).append(i)
+    return _blocks_from_groups(groups, names, tensors)
+
+
+def custom_blocks(
+    grouping: Sequence[Sequence[str]] | dict[str, Sequence[str]],
+    names: Sequence[str],
+    tensors: Sequence[torch.Tensor],
+) -> tuple[Block, ...]:
+    """Blocks from a user grouping: a dict ``{block_name: [param names]}`` or a list of lists.
+
+    Every selected parameter must belong to exactly one group.
+    """
+    if not isinstance(grouping, dict):
+        grouping = {f"block{i}": list(g) for i, g in enumerate(grouping)}
+    position = {n: i for i, n in enumerate(names)}
+    groups: dict[str, list[int]] = {}
+    seen: dict[str, str] = {}
+    for block_name, members in grouping.items():
+        if isinstance(members, str):
+            members = [members]
+        if not members:
+            raise ParameterError(f"block {block_name!r} is empty")
+        for m in members:
+            if m not in position:
+                raise ParameterError(
+                    f"block {block_name!r} names {m!r}, which is not a selected parameter; "
+                    f"selected: {', '.join(names)}"
+                )
+            if m in seen:
+                raise ParameterError(
+                    f"parameter {m!r} is in both block {seen[m]!r} and block {block_name!r}"
+                )
+            seen[m] = block_name
+        groups[block_name] = sorted(position[m] for m in members)
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise ParameterError(f"parameters in no block: {', '.join(missing)}")
+    return _blocks_from_groups(groups, names, tensors)
+
+
+def _blocks_from_groups(
+    groups: dict[str, list[int]], names: Sequence[str], tensors: Sequence[torch.Tensor]
+) -> tuple[Block, ...]:
+    return tuple(
+        Block(
+            name=g,
+            param_names=tuple(names[i] for i in idx),
+            indices=tuple(idx),
+            numel=sum(tensors[i].numel() for i in idx),
+        )
+        for g, idx in groups.items()
+    )

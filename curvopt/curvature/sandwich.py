@@ -1,0 +1,91 @@
+"""Curvatures of the form ``J^T M J``: the Jacobian of the network output around an
+output-space matrix ``M`` (the loss Hessian for the GGN, gradient outer products for
+the Fisher matrices). Subclasses supply only ``M``; the Jacobian products live here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.func import jvp, linearize, vjp
+
+from curvopt.curvature.base import CurvatureOperator, TensorList
+from curvopt.curvature.losses import LossSpec, loss_spec
+
+
+@dataclass
+class SandwichContext:
+    """One batch: network output, the loss, Jacobian products and ``M``'s data."""
+
+    out: torch.Tensor
+    y: torch.Tensor
+    loss: torch.Tensor
+    jvp: Callable[[TensorList], torch.Tensor]
+    vjp: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+    index: int = 0
+    extra: Any = None
+
+
+class JacobianSandwich(CurvatureOperator):
+    """Base of GGN, Fisher and empirical Fisher: ``sum_b w_b J_b^T M_b J_b``.
+
+    Needs a loss with a closed form (``CrossEntropyLoss``, ``MSELoss``,
+    ``BCEWithLogitsLoss``, reduction ``"mean"`` or ``"sum"``).
+    """
+
+    def __init__(self, model, loss_fn, data, **options: Any) -> None:
+        super().__init__(model, loss_fn, data, **options)
+        self.spec: LossSpec = loss_spec(loss_fn, self.name, options.get("reduction"))
+
+    def _batch_context(self, index: int, X: Any, y: torch.Tensor) -> SandwichContext:
+        primal = self._primal()
+
+        def net(*p: torch.Tensor) -> torch.Tensor:
+            return self._forward(p, X)
+
+        out, pullback = vjp(net, *primal)
+        if self.cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                _, push = linearize(net, *primal)
+
+            def push_forward(v: TensorList) -> torch.Tensor:
+                return push(*v)
+        else:
+
+            def push_forward(v: TensorList) -> torch.Tensor:
+                return jvp(net, primal, tuple(v))[1]
+
+        ctx = SandwichContext(
+            out=out, y=y, loss=self.loss_fn(out, y), jvp=push_forward, vjp=pullback, index=index
+        )
+        ctx.extra = self._output_data(ctx)
+        return ctx
+
+    def _batch_matvec(self, ctx: SandwichContext, v: TensorList) -> tuple[torch.Tensor, TensorList]:
+        u = self._output_product(ctx, ctx.jvp(v))
+        return ctx.loss, list(ctx.vjp(u))
+
+    def _output_data(self, ctx: SandwichContext) -> Any:
+        """Per-batch data for ``M`` that does not depend on the vector."""
+        return None
+
+    @abstractmethod
+    def _output_product(self, ctx: SandwichContext, u: torch.Tensor) -> torch.Tensor:
+        """``M u`` for an output-space tangent ``u`` shaped like the network output."""
+
+
+def outer_product(grads: torch.Tensor, u: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale / S * sum_s g_s (g_s . u)``, dot products per sample.
+
+    Args:
+        grads: ``[S, N, *out]`` per-sample output gradients for ``S`` label draws.
+        u: ``[N, *out]`` output-space tangent.
+    """
+    coef = (grads * u.unsqueeze(0)).flatten(2).sum(-1)  # [S, N]
+    coef = coef.reshape(*coef.shape, *([1] * (grads.dim() - 2)))
+    return (scale / grads.shape[0]) * (coef * grads).sum(0)

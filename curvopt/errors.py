@@ -1,0 +1,50 @@
+"""Exceptions raised by curvopt.
+
+Every error names what the user can change: the offending option, parameter,
+batch or loss, and the valid choices where there is a finite list of them.
+"""
+
+from __future__ import annotations
+
+
+class CurvoptError(Exception):
+    """Base class of every error raised by curvopt."""
+
+
+class UnknownCurvatureError(CurvoptError, KeyError):
+    """A curvature backend name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedLossError(CurvoptError, TypeError):
+    """A loss function that a backend cannot handle."""
+
+
+class ParameterError(CurvoptError, ValueError):
+    """Parameters that the model does not own, or an invalid selection of them."""
+
+
+class ShapeError(CurvoptError, ValueError):
+    """An input whose shape does not match the operator."""
+
+
+class EmptyDataError(CurvoptError, ValueError):
+    """Data that holds no samples."""
+
+
+class NonFiniteLossError(CurvoptError, FloatingPointError):
+    """The loss on a batch is NaN or infinite."""
+
+    def __init__(self, batch_index: int, value: float) -> None:
+        super().__init__(
+            f"the loss on batch {batch_index} is {value}; curvature at this point is "
+            "undefined (check that batch for NaN/Inf inputs or a diverged model)"
+        )
+        self.batch_index = batch_index
+        self.value = value
+
+
+class OptionError(CurvoptError, TypeError):
+    """An unknown or invalid option passed to a backend."""
