@@ -75,6 +75,9 @@ class CrossEntropySpec(LossSpec):
     def sampled_gradients(self, out, samples, generator):
         p = torch.softmax(out, dim=1)
         probs = p.movedim(1, -1).reshape(-1, out.shape[1])
+        # A non-finite output is reported by the data loop with its batch index;
+        # sample something harmless here instead of failing inside multinomial.
+        probs = torch.where(torch.isfinite(probs), probs, torch.ones_like(probs))
         labels = torch.multinomial(probs, samples, replacement=True, generator=generator)
         onehot = F.one_hot(labels.T, out.shape[1]).to(out.dtype)  # [S, N*, C]
         onehot = onehot.reshape(samples, *p.movedim(1, -1).shape).movedim(-1, 2)
