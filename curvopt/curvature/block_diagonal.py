@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from curvopt.curvature.base import CurvatureOperator, TensorList
 from curvopt.curvature.registry import check_options, curvature_class, register_curvature
 from curvopt.errors import OptionError
