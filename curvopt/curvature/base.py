@@ -22,7 +22,7 @@ from torch.func import functional_call, vmap
 from curvopt.curvature.data_loop import accumulate, check_data
 from curvopt.curvature.losses import loss_reduction
 from curvopt.curvature.params import Block, custom_blocks, module_blocks, select_parameters
-from curvopt.errors import ShapeError
+from curvopt.errors import OptionError, ShapeError
 
 TensorList = list[torch.Tensor]
 
@@ -45,6 +45,11 @@ class CurvatureOperator(ABC):
         blocks: Grouping of the parameters into ``op.blocks``: ``{name: [param names]}``
             or a list of lists; default: one block per module, named by module path.
         reduction: Override of the loss's ``reduction`` attribute (``"mean"``/``"sum"``).
+        max_batch_columns: The most ``samples x columns`` one vectorized product
+            handles at once: a ``k``-column product cuts larger batches into
+            micro-batches (same result, same arithmetic), which keeps the working set
+            in cache on CPU and bounds memory on GPU. Single products are never cut
+            for batches up to this many samples.
         cache: Keep each batch's linearization between products (faster repeated
             products at the same parameters, e.g. in Krylov solvers, at the price of
             memory for every batch's intermediates). Invalidated automatically when a
@@ -54,6 +59,9 @@ class CurvatureOperator(ABC):
     """
 
     name: ClassVar[str] = ""
+    #: Whether a batch may be cut into micro-batches (False where per-batch randomness
+    #: must not depend on how a product is split).
+    splittable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -64,6 +72,7 @@ class CurvatureOperator(ABC):
         params: Iterable[torch.Tensor | str] | None = None,
         blocks: Sequence[Sequence[str]] | dict[str, Sequence[str]] | None = None,
         reduction: str | None = None,
+        max_batch_columns: int = 4096,
         cache: bool = False,
         process_group: Any = None,
     ) -> None:
@@ -82,6 +91,9 @@ class CurvatureOperator(ABC):
             if blocks is None
             else custom_blocks(blocks, self.param_names, self._params)
         )
+        if not isinstance(max_batch_columns, int) or max_batch_columns < 1:
+            raise OptionError(f"max_batch_columns must be a positive integer, got {max_batch_columns!r}")
+        self.max_batch_columns = max_batch_columns
         self.cache = bool(cache)
         self.process_group = process_group
         self._cached: tuple[tuple[int, ...], list[tuple[Any, Any, Any]]] | None = None
@@ -182,13 +194,15 @@ class CurvatureOperator(ABC):
         versions = self._versions()
         if self.cache and self._cached is not None and self._cached[0] == versions:
             contexts = self._cached[1]
+            served = iter(contexts)  # accumulate visits the stored batches in order
             return accumulate(
-                lambda i, X, y: self._product(contexts[i][2], V),
+                lambda i, X, y: self._product(next(served)[2], V),
                 [(X, y) for X, y, _ in contexts],
                 reduction=self.reduction,
                 process_group=self.process_group,
             )
         fresh: list[tuple[Any, Any, Any]] = []
+        micro = self._micro_batch_size(V[0].shape[0])
 
         def product(index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
             X, y = self._to_model(X), self._to_model(y)
@@ -198,7 +212,11 @@ class CurvatureOperator(ABC):
             return self._product(ctx, V)
 
         result = accumulate(
-            product, self.data, reduction=self.reduction, process_group=self.process_group
+            product,
+            self.data,
+            reduction=self.reduction,
+            process_group=self.process_group,
+            micro_batch_size=micro,
         )
         if self.cache:
             self._cached = (versions, fresh)
@@ -210,6 +228,11 @@ class CurvatureOperator(ABC):
             return loss, [o.unsqueeze(0) for o in out]
         loss, out = vmap(lambda v: self._batch_matvec(ctx, v), out_dims=(None, 0))(V)
         return loss, list(out)
+
+    def _micro_batch_size(self, columns: int) -> int | None:
+        if not self.splittable:
+            return None
+        return max(1, self.max_batch_columns // columns)
 
     def clear_cache(self) -> None:
         """Drop cached linearizations (they are also dropped when a parameter changes)."""

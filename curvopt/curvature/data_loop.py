@@ -84,15 +84,20 @@ def accumulate(
     *,
     reduction: str,
     process_group: Any = None,
+    micro_batch_size: int | None = None,
 ) -> list[torch.Tensor]:
     """Sum per-batch results into the curvature of the whole empirical risk.
 
     Args:
-        product: ``product(index, X, y) -> (loss, tensors)`` evaluated on one batch with
-            the loss's own reduction; ``loss`` is the batch loss (a scalar tensor).
+        product: ``product(index, X, y) -> (loss, tensors)`` evaluated on one (micro-)batch
+            with the loss's own reduction; ``loss`` is its loss (a scalar tensor) and
+            ``index`` the position of the user's batch it comes from.
         data: One ``(X, y)`` batch or an iterable of them.
         reduction: ``"mean"``: the risk is the mean over all samples, so batch ``b`` is
             weighted by ``N_b / N``; ``"sum"``: the risk is the sum, weight 1.
+        micro_batch_size: Cut larger batches into consecutive micro-batches of at most
+            this many samples before calling ``product`` (``None``: never cut); the
+            result is unchanged because every piece is weighted by its own size.
         process_group: A ``torch.distributed`` group to all-reduce over; ``None`` uses
             the default group when one is initialized, and no communication otherwise.
 
@@ -106,13 +111,14 @@ def accumulate(
     total: list[torch.Tensor] | None = None
     losses: list[torch.Tensor] = []
     n_samples = 0
-    for index, (X, y) in enumerate(iterate_batches(data)):
+    batch_of_loss: list[int] = []  # the user's batch index behind each loss
+    for index, X, y in _micro_batches(iterate_batches(data), micro_batch_size):
         n = batch_size(X)
         if n == 0:
-            losses.append(torch.zeros(()))
             continue
         loss, parts = product(index, X, y)
         losses.append(loss.detach())
+        batch_of_loss.append(index)
         weight = float(n) if reduction == "mean" else 1.0
         scaled = [weight * t for t in parts]
         total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
@@ -122,7 +128,7 @@ def accumulate(
         finite = torch.isfinite(torch.stack([loss.float().cpu() for loss in losses]))
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
-            raise NonFiniteLossError(bad, float(losses[bad]))
+            raise NonFiniteLossError(batch_of_loss[bad], float(losses[bad]))
 
     group_active = dist.is_available() and dist.is_initialized()
     if group_active:
@@ -132,6 +138,22 @@ def accumulate(
     if reduction == "mean":
         total = [t / n_samples for t in total]
     return total
+
+
+def _micro_batches(batches: Iterable[Batch], size: int | None) -> Iterator[tuple[int, Any, torch.Tensor]]:
+    for index, (X, y) in enumerate(batches):
+        n = batch_size(X)
+        if size is None or n <= size:
+            yield index, X, y
+            continue
+        for start in range(0, n, size):
+            yield index, _slice(X, start, start + size), y[start : start + size]
+
+
+def _slice(X: Any, start: int, stop: int) -> Any:
+    if _is_tensor_tuple(X):
+        return type(X)(t[start:stop] for t in X)
+    return X[start:stop]
 
 
 def _all_reduce(

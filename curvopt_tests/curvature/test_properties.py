@@ -159,3 +159,25 @@ def test_cache_is_invalidated_when_parameters_change():
         fresh = curvopt.curvature(name, model, nn.MSELoss(), data).to_dense()
         assert not torch.allclose(before, after)
         torch.testing.assert_close(after, fresh)
+
+
+@pytest.mark.parametrize("name", ["hessian", "ggn", "empirical_fisher", "fisher"])
+@given(pb=problems(kinds=("mlp", "cnn1d")), budget=st.integers(1, 7), k=st.integers(1, 3))
+def test_micro_batching_does_not_change_products(name, pb, budget, k):
+    """Cutting batches into micro-batches of budget // k samples gives the same product."""
+    whole = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data)
+    cut = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data, max_batch_columns=budget)
+    V = torch.randn(whole.shape[0], k, dtype=torch.float64)
+    torch.testing.assert_close(cut @ V, whole @ V, rtol=1e-9, atol=1e-11)
+
+
+def test_non_finite_loss_reports_the_users_batch_when_micro_batching():
+    from curvopt.errors import NonFiniteLossError
+
+    model = nn.Linear(2, 2).double()
+    X, y = torch.randn(12, 2, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    X[10, 0] = float("inf")
+    op = curvopt.curvature("ggn", model, nn.MSELoss(), [(X[:6], y[:6]), (X[6:], y[6:])],
+                           max_batch_columns=4)
+    with pytest.raises(NonFiniteLossError, match="batch 1 "):
+        op @ torch.randn(op.shape[0], 2, dtype=torch.float64)
