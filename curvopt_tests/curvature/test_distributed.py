@@ -1,0 +1,61 @@
+"""Data-parallel curvature: two gloo ranks with half the data each give the full-data operator."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import curvopt
+
+pytestmark = pytest.mark.distributed
+
+
+def _problem():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X = torch.randn(11, 3, dtype=torch.float64)  # odd count: ranks hold 6 and 5 samples
+    y = torch.randint(0, 3, (11,))
+    return model, X, y
+
+
+def _worker(rank: int, world: int, port: int, name: str, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, X, y = _problem()
+        shard = slice(0, 6) if rank == 0 else slice(6, 11)
+        batches = list(zip(X[shard].split(4), y[shard].split(4)))
+        op = curvopt.curvature(name, model, nn.CrossEntropyLoss(), batches)
+        queue.put((rank, op.to_dense().numpy()))  # by value: a shared tensor dies with its process
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["hessian", "ggn"])
+def test_two_ranks_equal_one_process_on_all_data(name):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, name, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {r: torch.from_numpy(a) for r, a in (queue.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    model, X, y = _problem()
+    reference = curvopt.curvature(name, model, nn.CrossEntropyLoss(), (X, y)).to_dense()
+    torch.testing.assert_close(results[0], reference, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results[1], reference, rtol=1e-12, atol=1e-14)
