@@ -5,14 +5,13 @@ the Fisher matrices). Subclasses supply only ``M``; the Jacobian products live h
 
 from __future__ import annotations
 
-import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.func import jvp, linearize, vjp
+from torch.func import jvp, vjp
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
 from curvopt.curvature.losses import LossSpec, loss_spec
@@ -50,12 +49,13 @@ class JacobianSandwich(CurvatureOperator):
 
         out, pullback = vjp(net, *primal)
         if self.cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                _, push = linearize(net, *primal)
+            # J v as the vjp of the linear map u -> J^T u: its graph is built once per
+            # batch (about one gradient) and replayed by every product, where
+            # re-running jvp would redo the forward pass each time.
+            _, transpose = vjp(pullback, torch.zeros_like(out))
 
             def push_forward(v: TensorList) -> torch.Tensor:
-                return push(*v)
+                return transpose(tuple(v))[0]
         else:
 
             def push_forward(v: TensorList) -> torch.Tensor:
