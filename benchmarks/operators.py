@@ -7,6 +7,7 @@ by side in this run (minimum over repeats, so background noise inflates nothing)
 * ``product``: one ``op @ v`` in gradients (uncached: each product re-runs the batch);
 * ``cached``: one ``op @ v`` with ``cache=True`` once the cache is built;
 * ``setup``: building the cache (the first cached product) in gradients;
+* ``lin``/``lin setup``: the same with ``cache="linearize"`` (Jacobian backends);
 * ``mm16``: a 16-column ``op @ V`` in single products of the same mode.
 
 Usage: ``python benchmarks/operators.py [--quick] [--repeats R] [--threads T]``
@@ -67,14 +68,28 @@ def measure(model, loss_fn, batches, repeats: int) -> list[dict]:
         cop @ v
         cached = best_time(lambda: cop @ v, repeats)
         cached_mm = best_time(lambda: cop @ V, max(1, repeats // 2))
+        lin = lin_setup = float("nan")
+        if "linearize" in type(op).cache_modes:
+            lop = curvopt.curvature(name, model, loss_fn, batches, cache="linearize")
+
+            def first_lin():
+                lop.clear_cache()
+                lop @ v
+
+            lin_setup = best_time(first_lin, 1)
+            lop @ v
+            lin = best_time(lambda: lop @ v, repeats)
         # the gradient again, so that drift over the run shows up
         grad = min(grad, best_time(gradient_fn(model, loss_fn, batches), repeats))
         rows.append(dict(backend=name, P=P, product=single, cached=cached, setup=setup,
+                         lin=lin, lin_setup=lin_setup,
                          mm16=mm / single, mm16_cached=cached_mm / cached))
     for r in rows:
         r["product"] /= grad
         r["cached"] /= grad
         r["setup"] /= grad
+        r["lin"] /= grad
+        r["lin_setup"] /= grad
     return rows
 
 
@@ -99,11 +114,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, list[dict]]]:
         rows = measure(model, loss_fn, batches, repeats)
         results.append((label, rows))
         print(f"\n## {label}  (P = {rows[0]['P']})")
-        print(f"{'backend':<18}{'product':>9}{'cached':>9}{'setup':>9}{'mm16':>8}{'mm16c':>8}")
-        print(f"{'':<18}{'[grads]':>9}{'[grads]':>9}{'[grads]':>9}{'[prod]':>8}{'[prod]':>8}")
+        print(f"{'backend':<18}{'product':>9}{'cached':>9}{'setup':>9}{'lin':>9}{'lin setup':>10}"
+              f"{'mm16':>8}{'mm16c':>8}")
+        print(f"{'':<18}{'[grads]':>9}{'[grads]':>9}{'[grads]':>9}{'[grads]':>9}{'[grads]':>10}"
+              f"{'[prod]':>8}{'[prod]':>8}")
         for r in rows:
             print(f"{r['backend']:<18}{r['product']:>9.2f}{r['cached']:>9.2f}{r['setup']:>9.2f}"
-                  f"{r['mm16']:>8.2f}{r['mm16_cached']:>8.2f}")
+                  f"{r['lin']:>9.2f}{r['lin_setup']:>10.2f}{r['mm16']:>8.2f}{r['mm16_cached']:>8.2f}")
     return results
 
 

@@ -50,10 +50,13 @@ class CurvatureOperator(ABC):
             micro-batches (same result, same arithmetic), which keeps the working set
             in cache on CPU and bounds memory on GPU. Single products are never cut
             for batches up to this many samples.
-        cache: Keep each batch's linearization between products (faster repeated
-            products at the same parameters, e.g. in Krylov solvers, at the price of
-            memory for every batch's intermediates). Invalidated automatically when a
-            selected parameter is modified in place.
+        cache: Keep each batch's context between products (faster repeated products
+            at the same parameters, e.g. in Krylov solvers, at the price of memory for
+            every batch's intermediates); invalidated automatically when a selected
+            parameter is modified in place. ``True`` keeps autograd graphs (setup about
+            one gradient); ``"linearize"`` (Jacobian backends only) traces the Jacobian
+            with :func:`torch.func.linearize` once per batch, dearer to set up but with
+            cheaper products on convolutional networks.
         process_group: ``torch.distributed`` group whose ranks' data together form the
             risk; default: the default group when one is initialized.
     """
@@ -62,6 +65,8 @@ class CurvatureOperator(ABC):
     #: Whether a batch may be cut into micro-batches (False where per-batch randomness
     #: must not depend on how a product is split).
     splittable: ClassVar[bool] = True
+    #: Values the ``cache`` option accepts.
+    cache_modes: ClassVar[tuple[Any, ...]] = (False, True)
 
     def __init__(
         self,
@@ -73,7 +78,7 @@ class CurvatureOperator(ABC):
         blocks: Sequence[Sequence[str]] | dict[str, Sequence[str]] | None = None,
         reduction: str | None = None,
         max_batch_columns: int = 4096,
-        cache: bool = False,
+        cache: bool | str = False,
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -94,7 +99,12 @@ class CurvatureOperator(ABC):
         if not isinstance(max_batch_columns, int) or max_batch_columns < 1:
             raise OptionError(f"max_batch_columns must be a positive integer, got {max_batch_columns!r}")
         self.max_batch_columns = max_batch_columns
-        self.cache = bool(cache)
+        if cache not in self.cache_modes:
+            raise OptionError(
+                f"cache={cache!r} is not available for {type(self).__name__}; "
+                f"valid: {', '.join(map(repr, self.cache_modes))}"
+            )
+        self.cache = cache
         self.process_group = process_group
         self._cached: tuple[tuple[int, ...], list[tuple[Any, Any, Any]]] | None = None
 

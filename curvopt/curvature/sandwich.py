@@ -5,13 +5,14 @@ the Fisher matrices). Subclasses supply only ``M``; the Jacobian products live h
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.func import jvp, vjp
+from torch.func import jvp, linearize, vjp
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
 from curvopt.curvature.losses import LossSpec, loss_spec
@@ -37,6 +38,8 @@ class JacobianSandwich(CurvatureOperator):
     ``BCEWithLogitsLoss``, reduction ``"mean"`` or ``"sum"``).
     """
 
+    cache_modes = (False, True, "linearize")
+
     def __init__(self, model, loss_fn, data, **options: Any) -> None:
         super().__init__(model, loss_fn, data, **options)
         self.spec: LossSpec = loss_spec(loss_fn, self.name, options.get("reduction"))
@@ -48,7 +51,14 @@ class JacobianSandwich(CurvatureOperator):
             return self._forward(p, X)
 
         out, pullback = vjp(net, *primal)
-        if self.cache:
+        if self.cache == "linearize":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # an FX detail of linearize
+                _, push = linearize(net, *primal)
+
+            def push_forward(v: TensorList) -> torch.Tensor:
+                return push(*v)
+        elif self.cache:
             # J v as the vjp of the linear map u -> J^T u: its graph is built once per
             # batch (about one gradient) and replayed by every product, where
             # re-running jvp would redo the forward pass each time.

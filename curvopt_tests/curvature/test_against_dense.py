@@ -38,11 +38,12 @@ def test_empirical_fisher_matches_dense(pb):
     _close(op.to_dense(), dense_empirical_fisher(pb))
 
 
-@pytest.mark.parametrize("name", ["hessian", "ggn"])
+@pytest.mark.parametrize("name,cache", [("hessian", True), ("ggn", True), ("ggn", "linearize"),
+                                        ("empirical_fisher", True)])
 @given(pb=problems(reductions=("mean",)))
-def test_cached_equals_uncached(name, pb):
+def test_cached_equals_uncached(name, cache, pb):
     plain = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data).to_dense()
-    cached_op = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data, cache=True)
+    cached_op = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data, cache=cache)
     _close(cached_op.to_dense(), plain)
     _close(cached_op.to_dense(), plain)  # second pass served from the cache
 

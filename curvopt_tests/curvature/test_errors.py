@@ -40,6 +40,10 @@ def test_unknown_option_lists_valid_options(setup):
         curvopt.curvature("fisher", *setup, mc_sample=3)
     with pytest.raises(OptionError, match="positive integer"):
         curvopt.curvature("fisher", *setup, mc_samples=0)
+    with pytest.raises(OptionError, match="not available for HessianOperator; valid: False, True"):
+        curvopt.curvature("hessian", *setup, cache="linearize")
+    with pytest.raises(OptionError, match="max_batch_columns"):
+        curvopt.curvature("ggn", *setup, max_batch_columns=0)
 
 
 def test_parameters_not_owned_by_the_model(setup):
