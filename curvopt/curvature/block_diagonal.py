@@ -24,6 +24,8 @@ class BlockDiagonalOperator(CurvatureOperator):
         **options: Passed to the base backend (``cache``, ``mc_samples``, ...).
     """
 
+    forwards_options = True
+
     def __init__(
         self,
         model,
@@ -43,7 +45,7 @@ class BlockDiagonalOperator(CurvatureOperator):
             if base == self.name:
                 raise OptionError("block_diagonal cannot wrap itself; choose another base")
             cls = curvature_class(base)
-            check_options(cls, options)
+            check_options(cls, options)  # names the base's valid options
             self.base = cls(model, loss_fn, data, params=params, **options)
         own = {k: v for k, v in options.items() if k in ("reduction", "process_group")}
         super().__init__(

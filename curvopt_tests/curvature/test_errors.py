@@ -123,5 +123,7 @@ def test_custom_block_errors(setup):
     with pytest.raises(ParameterError, match="in both block 'a' and block 'b'"):
         curvopt.curvature("block_diagonal", model, loss, data,
                           blocks={"a": ["0.weight", "0.bias"], "b": ["0.bias", "2.weight", "2.bias"]})
+    with pytest.raises(OptionError, match="'ggn' curvature got unknown option.*'mc_samples'"):
+        curvopt.curvature("block_diagonal", model, loss, data, base="ggn", mc_samples=2)
     with pytest.raises(OptionError, match="cannot wrap itself"):
         curvopt.curvature("block_diagonal", model, loss, data, base="block_diagonal")

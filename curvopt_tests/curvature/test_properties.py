@@ -146,6 +146,20 @@ def test_fisher_is_reproducible_and_resamples():
     assert not torch.equal(A, a.to_dense())
 
 
+def test_block_diagonal_forwards_options_to_its_base():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3)).double()
+    data = (torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 3, (6,)))
+    op = curvopt.curvature("block_diagonal", model, nn.CrossEntropyLoss(), data,
+                           base="fisher", mc_samples=7, seed=2)
+    assert op.base.mc_samples == 7
+    full = curvopt.curvature("fisher", model, nn.CrossEntropyLoss(), data, mc_samples=7, seed=2)
+    from curvopt_tests.problems import block_mask
+
+    F = full.to_dense()
+    torch.testing.assert_close(op.to_dense(), torch.where(block_mask(op), F, torch.zeros_like(F)))
+
+
 def test_cache_is_invalidated_when_parameters_change():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
