@@ -216,6 +216,10 @@ class CurvatureOperator(ABC):
 
         def product(index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
             X, y = self._to_model(X), self._to_model(y)
+            if not self.cache and V[0].shape[0] == 1:
+                single = self._batch_single_product(index, X, y, [v[0] for v in V])
+                if single is not None:
+                    return single[0], [o.unsqueeze(0) for o in single[1]]
             ctx = self._batch_context(index, X, y)
             if self.cache:
                 fresh.append((X, y, ctx))
@@ -276,6 +280,12 @@ class CurvatureOperator(ABC):
                 "operators need a model that returns one tensor"
             )
         return out
+
+    def _batch_single_product(
+        self, index: int, X: Any, y: torch.Tensor, v: TensorList
+    ) -> tuple[torch.Tensor, TensorList] | None:
+        """Optional fast path for one uncached vector; ``None`` uses context + matvec."""
+        return None
 
     @abstractmethod
     def _batch_context(self, index: int, X: Any, y: torch.Tensor) -> Any:

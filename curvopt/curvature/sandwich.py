@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.func import jvp, linearize, vjp
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
@@ -76,6 +77,23 @@ class JacobianSandwich(CurvatureOperator):
         )
         ctx.extra = self._output_data(ctx)
         return ctx
+
+    def _batch_single_product(
+        self, index: int, X: Any, y: torch.Tensor, v: TensorList
+    ) -> tuple[torch.Tensor, TensorList]:
+        # One forward pass carries J v as a forward-mode tangent and records the graph
+        # that the backward pass then uses: no second forward, as jvp + vjp would need.
+        primal = [p.detach().requires_grad_() for p in self._params]
+        with torch.enable_grad(), fwAD.dual_level():
+            out, Jv = fwAD.unpack_dual(self._forward([fwAD.make_dual(p, t) for p, t in zip(primal, v)], X))
+            Jv = torch.zeros_like(out) if Jv is None else Jv.detach()
+        detached = out.detach()
+        ctx = SandwichContext(out=detached, y=y, loss=self.loss_fn(detached, y), jvp=None, vjp=None,
+                              index=index)
+        ctx.extra = self._output_data(ctx)
+        u = self._output_product(ctx, Jv)
+        grads = torch.autograd.grad(out, primal, u, allow_unused=True)
+        return ctx.loss, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, primal)]
 
     def _batch_matvec(self, ctx: SandwichContext, v: TensorList) -> tuple[torch.Tensor, TensorList]:
         u = self._output_product(ctx, ctx.jvp(v))
