@@ -72,9 +72,11 @@ class JacobianSandwich(CurvatureOperator):
             def push_forward(v: TensorList) -> torch.Tensor:
                 return jvp(net, primal, tuple(v))[1]
 
-        ctx = SandwichContext(
-            out=out, y=y, loss=self.loss_fn(out, y), jvp=push_forward, vjp=pullback, index=index
-        )
+        return self._context(index, out, y, push_forward, pullback)
+
+    def _context(self, index: int, out: torch.Tensor, y: torch.Tensor, push: Any, pull: Any) -> SandwichContext:
+        """The batch's context: output, loss and ``M``'s data (both product paths share it)."""
+        ctx = SandwichContext(out=out, y=y, loss=self.loss_fn(out, y), jvp=push, vjp=pull, index=index)
         ctx.extra = self._output_data(ctx)
         return ctx
 
@@ -87,10 +89,7 @@ class JacobianSandwich(CurvatureOperator):
         with torch.enable_grad(), fwAD.dual_level():
             out, Jv = fwAD.unpack_dual(self._forward([fwAD.make_dual(p, t) for p, t in zip(primal, v)], X))
             Jv = torch.zeros_like(out) if Jv is None else Jv.detach()
-        detached = out.detach()
-        ctx = SandwichContext(out=detached, y=y, loss=self.loss_fn(detached, y), jvp=None, vjp=None,
-                              index=index)
-        ctx.extra = self._output_data(ctx)
+        ctx = self._context(index, out.detach(), y, None, None)
         u = self._output_product(ctx, Jv)
         grads = torch.autograd.grad(out, primal, u, allow_unused=True)
         return ctx.loss, [torch.zeros_like(p) if g is None else g for g, p in zip(grads, primal)]
