@@ -1,0 +1,139 @@
+"""Lanczos iteration with full reorthogonalization (Lanczos, 1950; Golub & Van Loan §10.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from curvopt.linalg.operator import SymmetricOperator, gaussian, matmat, size_of
+
+WHICH = ("largest", "smallest")
+
+
+@dataclass
+class LanczosResult:
+    """Eigenpairs from Lanczos.
+
+    Attributes:
+        eigenvalues: ``[k]``, sorted by decreasing (``largest``) or increasing value.
+        eigenvectors: ``[P, k]`` orthonormal Ritz vectors.
+        residuals: ``[k]`` residual bounds ``|beta_m s_{m,i}| = ||A x_i - theta_i x_i||``.
+        iterations: Number of products with ``A``.
+        converged: Whether every pair met the tolerance.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    iterations: int
+    converged: bool
+
+
+@dataclass
+class _State:
+    Q: torch.Tensor  # [P, m] Lanczos basis
+    alpha: torch.Tensor  # [m]
+    beta: torch.Tensor  # [m]; beta[-1] couples to the next basis vector
+    exhausted: bool  # an invariant subspace was found
+
+
+def _lanczos_steps(A: SymmetricOperator, v0: torch.Tensor, max_steps: int) -> Iterator[_State]:
+    """Yield the Lanczos state after each product with ``A`` (one column per step)."""
+    P = size_of(A)
+    max_steps = min(max_steps, P)
+    Q = torch.zeros(P, max_steps, dtype=A.dtype, device=A.device)
+    alpha = torch.zeros(max_steps, dtype=torch.float64)
+    beta = torch.zeros(max_steps, dtype=torch.float64)
+    q = v0.to(dtype=A.dtype, device=A.device)
+    q = q / torch.linalg.norm(q)
+    for j in range(max_steps):
+        Q[:, j] = q
+        w = matmat(A, q.unsqueeze(1)).squeeze(1)
+        alpha[j] = float(q @ w)
+        for _ in range(2):  # full reorthogonalization; "twice is enough" (Parlett)
+            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+        b = float(torch.linalg.norm(w))
+        beta[j] = b
+        m = j + 1
+        exhausted = b <= 1e-12 * max(alpha[:m].abs().max().item(), 1e-300)
+        yield _State(Q[:, :m], alpha[:m], beta[:m], exhausted)
+        if exhausted:
+            return
+        q = w / b
+
+
+def lanczos_tridiagonal(
+    A: SymmetricOperator, v0: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``steps`` Lanczos steps from ``v0``: ``(alpha [m], beta [m], Q [P, m])`` in float64/``A``'s dtype.
+
+    ``T = tridiag(beta[:-1], alpha, beta[:-1])``; fewer than ``steps`` when an invariant
+    subspace is found first.
+    """
+    state = None
+    for state in _lanczos_steps(A, v0, steps):
+        pass
+    return state.alpha, state.beta, state.Q
+
+
+def lanczos(
+    A: SymmetricOperator,
+    k: int = 1,
+    *,
+    which: str = "largest",
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    min_iter: int | None = None,
+    generator: torch.Generator | None = None,
+    v0: torch.Tensor | None = None,
+) -> LanczosResult:
+    """The ``k`` largest (or smallest) eigenpairs of a symmetric operator by Lanczos.
+
+    Converged when each wanted Ritz pair's residual bound ``|beta_m s_{m,i}|`` is below
+    ``tol * |theta_i|``; one product with ``A`` per step.
+
+    Args:
+        A: A :class:`~curvopt.CurvatureOperator` or a dense symmetric tensor.
+        k: Number of eigenpairs.
+        which: ``"largest"`` or ``"smallest"`` (algebraic).
+        tol: Relative residual tolerance.
+        max_iter: Most products (default ``max(2k + 40, 80)``, at most ``P``).
+        min_iter: Fewest products before the convergence test (default ``k + 2``).
+        generator: Seeds the (Gaussian) start vector.
+        v0: Explicit start vector ``[P]``.
+    """
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}; valid: {', '.join(WHICH)}")
+    P = size_of(A)
+    if not 1 <= k <= P:
+        raise ValueError(f"k must be between 1 and {P} (the operator's size), got {k}")
+    max_iter = min(P, max_iter if max_iter is not None else max(2 * k + 40, 80))
+    min_iter = min(max_iter, min_iter if min_iter is not None else k + 2)
+    v = v0 if v0 is not None else gaussian(P, 1, A, generator).squeeze(1)
+
+    converged = False
+    for state in _lanczos_steps(A, v, max_iter):
+        m = state.alpha.shape[0]
+        if m < min_iter and not state.exhausted and m < max_iter:
+            continue
+        theta, S = _ritz(state.alpha, state.beta, which)
+        kk = min(k, m)
+        bounds = (state.beta[-1] * S[-1, :kk]).abs()
+        if state.exhausted or bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
+            converged = kk == k
+            break
+    vecs = state.Q @ S[:, :kk].to(dtype=A.dtype, device=A.device)
+    return LanczosResult(theta[:kk].to(A.dtype), vecs, bounds.to(A.dtype), m, converged)
+
+
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+    m = alpha.shape[0]
+    T = torch.diag(alpha)
+    if m > 1:
+        T = T + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+    theta, S = torch.linalg.eigh(T)
+    if which == "largest":
+        theta, S = theta.flip(0), S.flip(1)
+    return theta, S

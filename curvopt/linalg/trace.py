@@ -1,0 +1,108 @@
+"""Randomized trace and diagonal estimation: Hutchinson (1989) and Hutch++ (Meyer et al., 2021).
+
+Both estimate every block's trace from the same probes (one pass over the data per
+product batch), and the block estimates add up to the whole-matrix estimate exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from curvopt.linalg.operator import SymmetricOperator, block_indices, matmat, rademacher, size_of
+
+METHODS = ("hutchinson", "hutchpp")
+
+
+@dataclass
+class TraceEstimate:
+    """A trace estimate with its standard error, and per block when asked.
+
+    Attributes:
+        value: The estimate of ``tr(A)``.
+        stderr: Its standard error (sample standard deviation of the stochastic part
+            over ``sqrt(probes)``).
+        probes: Number of products with ``A`` spent.
+        blocks: ``{block name: (value, stderr)}`` (empty unless ``per_block``).
+    """
+
+    value: float
+    stderr: float
+    probes: int
+    blocks: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def trace_estimate(
+    A: SymmetricOperator,
+    probes: int = 64,
+    *,
+    method: str = "hutchpp",
+    per_block: bool = False,
+    generator: torch.Generator | None = None,
+) -> TraceEstimate:
+    """Estimate ``tr(A)`` (and each block's trace) with ``probes`` products.
+
+    Args:
+        A: A :class:`~curvopt.CurvatureOperator` (blocks from ``A.blocks``) or a dense tensor.
+        probes: Budget of products with ``A``. Hutch++ spends a third on a sketch, a third
+            on its range and a third on Rademacher probes of the remainder.
+        method: ``"hutchpp"`` (default; lower variance when the spectrum decays) or
+            ``"hutchinson"``.
+        per_block: Also estimate every block's trace from the same probes.
+        generator: Seeds the probes.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; valid: {', '.join(METHODS)}")
+    P = size_of(A)
+    blocks = block_indices(A, P) if per_block else []
+    if method == "hutchinson" or probes < 3:
+        if probes < 1:
+            raise ValueError(f"probes must be positive, got {probes}")
+        Z = rademacher(P, probes, A, generator)
+        AZ = matmat(A, Z)
+        return _combine(Z, AZ, None, None, blocks, probes)
+    s = probes // 3
+    S = rademacher(P, s, A, generator)
+    Q, _ = torch.linalg.qr(matmat(A, S))
+    AQ = matmat(A, Q)
+    G = rademacher(P, probes - 2 * s, A, generator)
+    RG = G - Q @ (Q.T @ G)  # (I - Q Q^T) G
+    ARG = matmat(A, RG)
+    return _combine(RG, ARG, Q, AQ, blocks, probes)
+
+
+def _combine(Z, AZ, Q, AQ, blocks, probes) -> TraceEstimate:
+    """Exact part ``tr(Q^T A Q)`` plus the Hutchinson mean of ``z^T A z`` over columns."""
+    samples = (Z * AZ).sum(0)  # [m]
+    exact = float((Q * AQ).sum()) if Q is not None else 0.0
+    value, stderr = exact + float(samples.mean()), _stderr(samples)
+    out = TraceEstimate(value=value, stderr=stderr, probes=probes)
+    for name, idx in blocks:
+        idx = idx.to(Z.device)
+        b_samples = (Z[idx] * AZ[idx]).sum(0)
+        # tr(P_b A) = tr(Q^T P_b A Q) + tr(P_b A R) with R = I - Q Q^T, and
+        # E[(R z)^T P_b A (R z)] = tr(P_b A R): unbiased per block, summing to the whole.
+        b_exact = float((Q[idx] * AQ[idx]).sum()) if Q is not None else 0.0
+        out.blocks[name] = (b_exact + float(b_samples.mean()), _stderr(b_samples))
+    return out
+
+
+def _stderr(samples: torch.Tensor) -> float:
+    m = samples.shape[0]
+    return float(samples.std(unbiased=True)) / math.sqrt(m) if m > 1 else float("inf")
+
+
+def diagonal_estimate(
+    A: SymmetricOperator, probes: int = 64, *, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hutchinson's diagonal estimate ``mean_z z * (A z)`` (Bekas et al., 2007) and its
+    per-entry standard error, both ``[P]``."""
+    P = size_of(A)
+    if probes < 1:
+        raise ValueError(f"probes must be positive, got {probes}")
+    Z = rademacher(P, probes, A, generator)
+    samples = Z * matmat(A, Z)
+    se = samples.std(1, unbiased=True) / math.sqrt(probes) if probes > 1 else torch.full((P,), float("inf"))
+    return samples.mean(1), se
