@@ -72,10 +72,8 @@ def lanczos_tridiagonal(
     ``T = tridiag(beta[:-1], alpha, beta[:-1])``; fewer than ``steps`` when an invariant
     subspace is found first.
     """
-    state = None
-    for state in _lanczos_steps(A, v0, steps):
-        pass
-    return state.alpha, state.beta, state.Q
+    *_, last = _lanczos_steps(A, v0, steps)
+    return last.alpha, last.beta, last.Q
 
 
 def lanczos(
