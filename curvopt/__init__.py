@@ -4,9 +4,19 @@ Public API::
 
     op = curvopt.curvature("ggn", model, loss_fn, data)   # a CurvatureOperator
     op @ v, op @ V, op.blocks, op.to_dense()
+    curvopt.top_eigenvalues(op, k=5); curvopt.trace(op, per_block=True)
+    curvopt.spectral_density(op); curvopt.sensitivity(model, loader)
 """
 
 from curvopt import errors
+from curvopt.analysis import (
+    loss_landscape,
+    random_direction,
+    sensitivity,
+    spectral_density,
+    top_eigenvalues,
+    trace,
+)
 from curvopt.curvature import (
     Block,
     CurvatureOperator,
@@ -23,6 +33,12 @@ __all__ = [
     "available_curvatures",
     "curvature",
     "errors",
+    "loss_landscape",
+    "random_direction",
+    "sensitivity",
+    "spectral_density",
+    "top_eigenvalues",
+    "trace",
     "register_curvature",
     "__version__",
 ]

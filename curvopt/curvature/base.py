@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from curvopt.curvature.data_loop import accumulate, check_data
+from curvopt.curvature.data_loop import accumulate, check_data, to_model
 from curvopt.curvature.losses import loss_reduction
 from curvopt.curvature.params import Block, custom_blocks, module_blocks, select_parameters
 from curvopt.errors import OptionError, ShapeError
@@ -57,6 +57,7 @@ class CurvatureOperator(ABC):
             one gradient); ``"linearize"`` (Jacobian backends only) traces the Jacobian
             with :func:`torch.func.linearize` once per batch, dearer to set up but with
             cheaper products on convolutional networks.
+        progress: A tqdm progress bar on every pass over the data (a string sets its label).
         process_group: ``torch.distributed`` group whose ranks' data together form the
             risk; default: the default group when one is initialized.
     """
@@ -79,6 +80,7 @@ class CurvatureOperator(ABC):
         reduction: str | None = None,
         max_batch_columns: int = 4096,
         cache: bool | str = False,
+        progress: bool | str = False,
         process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -105,6 +107,7 @@ class CurvatureOperator(ABC):
                 f"valid: {', '.join(map(repr, self.cache_modes))}"
             )
         self.cache = cache
+        self.progress = progress
         self.process_group = process_group
         self._cached: tuple[tuple[int, ...], list[tuple[Any, Any, Any]]] | None = None
 
@@ -210,6 +213,7 @@ class CurvatureOperator(ABC):
                 [(X, y) for X, y, _ in contexts],
                 reduction=self.reduction,
                 process_group=self.process_group,
+                progress=self.progress,
             )
         fresh: list[tuple[Any, Any, Any]] = []
         micro = self._micro_batch_size(V[0].shape[0])
@@ -231,6 +235,7 @@ class CurvatureOperator(ABC):
             reduction=self.reduction,
             process_group=self.process_group,
             micro_batch_size=micro,
+            progress=self.progress,
         )
         if self.cache:
             self._cached = (versions, fresh)
@@ -257,13 +262,7 @@ class CurvatureOperator(ABC):
         return tuple(p._version for p in self._params)
 
     def _to_model(self, t: Any) -> Any:
-        if isinstance(t, (tuple, list)):
-            return type(t)(self._to_model(u) for u in t)
-        if not isinstance(t, torch.Tensor):
-            return t
-        if t.is_floating_point():
-            return t.to(device=self.device, dtype=self.dtype)
-        return t.to(device=self.device)
+        return to_model(t, self._params[0])
 
     # ------------------------------------------------------------------ helpers for backends
     def _primal(self) -> tuple[torch.Tensor, ...]:
@@ -273,7 +272,11 @@ class CurvatureOperator(ABC):
     def _forward(self, params: Sequence[torch.Tensor], X: Any) -> torch.Tensor:
         """``model(X)`` with the selected parameters replaced by ``params``."""
         args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
-        out = functional_call(self.model, dict(zip(self.param_names, params)), args)
+        # Parameters outside the selection are constants: detached, they build no graph.
+        selected = set(self.param_names)
+        tensors = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
+        tensors.update(zip(self.param_names, params))
+        out = functional_call(self.model, tensors, args)
         if not isinstance(out, torch.Tensor):
             raise TypeError(
                 f"{type(self.model).__name__} returned a {type(out).__name__}; curvature "

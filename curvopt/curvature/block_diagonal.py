@@ -47,7 +47,7 @@ class BlockDiagonalOperator(CurvatureOperator):
             cls = curvature_class(base)
             check_options(cls, options)  # names the base's valid options
             self.base = cls(model, loss_fn, data, params=params, **options)
-        own = {k: v for k, v in options.items() if k in ("reduction", "process_group")}
+        own = {k: v for k, v in options.items() if k in ("reduction", "process_group", "progress")}
         super().__init__(
             self.base.model,
             self.base.loss_fn,

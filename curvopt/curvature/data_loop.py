@@ -59,6 +59,20 @@ def check_data(data: Any) -> None:
         raise EmptyDataError("data holds no batches")
 
 
+def to_model(t: Any, ref: torch.Tensor) -> Any:
+    """Move a batch element to ``ref``'s device, casting floating tensors to its dtype.
+
+    Tuples and lists are converted element-wise; other objects pass through.
+    """
+    if isinstance(t, (tuple, list)):
+        return type(t)(to_model(u, ref) for u in t)
+    if not isinstance(t, torch.Tensor):
+        return t
+    if t.is_floating_point():
+        return t.to(device=ref.device, dtype=ref.dtype)
+    return t.to(device=ref.device)
+
+
 def batch_size(X: Any) -> int:
     """Number of samples in a model input (a tensor or a tuple of tensors)."""
     first = X[0] if _is_tensor_tuple(X) else X
@@ -85,6 +99,7 @@ def accumulate(
     reduction: str,
     process_group: Any = None,
     micro_batch_size: int | None = None,
+    progress: bool | str = False,
 ) -> list[torch.Tensor]:
     """Sum per-batch results into the curvature of the whole empirical risk.
 
@@ -98,6 +113,7 @@ def accumulate(
         micro_batch_size: Cut larger batches into consecutive micro-batches of at most
             this many samples before calling ``product`` (``None``: never cut); the
             result is unchanged because every piece is weighted by its own size.
+        progress: Show a tqdm bar over the batches (a string is its description).
         process_group: A ``torch.distributed`` group to all-reduce over; ``None`` uses
             the default group when one is initialized, and no communication otherwise.
 
@@ -112,7 +128,14 @@ def accumulate(
     losses: list[torch.Tensor] = []
     n_samples = 0
     batch_of_loss: list[int] = []  # the user's batch index behind each loss
-    for index, X, y in _micro_batches(iterate_batches(data), micro_batch_size):
+    batches = iterate_batches(data)
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = 1 if is_single_batch(data) else (len(data) if hasattr(data, "__len__") else None)
+        desc = progress if isinstance(progress, str) else "curvature pass"
+        batches = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
+    for index, X, y in _micro_batches(batches, micro_batch_size):
         n = batch_size(X)
         if n == 0:
             continue

@@ -91,6 +91,10 @@ def test_params_subset_is_the_submatrix():
     idx = torch.cat([torch.arange(6, 9), torch.arange(9, 15)])
     torch.testing.assert_close(op.to_dense(), H[idx][:, idx])
     assert [b.name for b in op.blocks] == ["0", "2"]
+    for name in ["hessian", "ggn"]:  # products carry no graph through unselected parameters
+        sub = curvopt.curvature(name, model, nn.CrossEntropyLoss(), (X, y), params=["0.bias"])
+        assert not (sub @ torch.ones(3, dtype=torch.float64)).requires_grad
+        assert not (sub @ torch.ones(3, 2, dtype=torch.float64)).requires_grad
 
 
 def test_frozen_parameters_are_left_out_by_default():

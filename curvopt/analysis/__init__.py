@@ -1,0 +1,20 @@
+"""Curvature analysis: spectrum, trace, density, per-layer sensitivity, loss landscape, plots."""
+
+from curvopt.analysis.landscape import Landscape, loss_landscape, random_direction
+from curvopt.analysis.quantize import quantization_perturbation, quantize_symmetric
+from curvopt.analysis.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
+from curvopt.analysis.spectrum import spectral_density, top_eigenvalues, trace
+
+__all__ = [
+    "Landscape",
+    "LayerSensitivity",
+    "SensitivityReport",
+    "loss_landscape",
+    "quantization_perturbation",
+    "quantize_symmetric",
+    "random_direction",
+    "sensitivity",
+    "spectral_density",
+    "top_eigenvalues",
+    "trace",
+]

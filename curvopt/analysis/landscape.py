@@ -1,0 +1,118 @@
+"""Loss along one or two directions in parameter space (Li et al., 2018)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from curvopt.curvature.data_loop import accumulate, to_model
+from curvopt.curvature.losses import loss_reduction
+from curvopt.curvature.params import select_parameters
+from curvopt.errors import ShapeError
+
+
+@dataclass
+class Landscape:
+    """Loss values on a line (``losses [n]``) or a plane (``losses [n, n]``, indexed ``[i_alpha, i_beta]``)."""
+
+    alphas: torch.Tensor
+    betas: torch.Tensor | None
+    losses: torch.Tensor
+
+    @property
+    def dims(self) -> int:
+        return 1 if self.betas is None else 2
+
+
+def random_direction(
+    model: nn.Module,
+    params: Iterable[torch.Tensor | str] | None = None,
+    *,
+    filter_normalize: bool = True,
+    seed: int | torch.Generator | None = 0,
+) -> torch.Tensor:
+    """A Gaussian direction ``[P]``; filter-normalized (Li et al., 2018) by default.
+
+    Filter normalization rescales each output filter (slice along dim 0) of every
+    weight with ``dim > 1`` to the norm of the corresponding filter of the weight, and
+    zeroes the direction on one-dimensional parameters (biases, norm layers).
+    """
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed or 0))
+    _, tensors = select_parameters(model, params)
+    parts = []
+    for p in tensors:
+        d = torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype=p.dtype, device=p.device)
+        if filter_normalize:
+            if p.dim() <= 1:
+                d = torch.zeros_like(d)
+            else:
+                w, dd = p.detach().reshape(p.shape[0], -1), d.reshape(p.shape[0], -1)
+                ratio = w.norm(dim=1, keepdim=True) / dd.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                d = (dd * ratio).reshape(p.shape)
+        parts.append(d.reshape(-1))
+    return torch.cat(parts)
+
+
+def loss_landscape(
+    model: nn.Module,
+    loss_fn: Any,
+    data: Any,
+    directions: Sequence[torch.Tensor],
+    *,
+    steps: int = 21,
+    radius: float = 1.0,
+    params: Iterable[torch.Tensor | str] | None = None,
+    progress: bool | str = False,
+) -> Landscape:
+    """Loss at ``theta + a d1 (+ b d2)`` for ``a, b`` on ``linspace(-radius, radius, steps)``.
+
+    Args:
+        directions: One or two flat directions ``[P]`` over the selected parameters
+            (top eigenvectors from :func:`~curvopt.top_eigenvalues`, or
+            :func:`random_direction`).
+        steps: Points per axis.
+        radius: Extent along each direction.
+        params: The parameters the directions refer to (default: all requiring grad).
+
+    The model is not modified: perturbed parameters are passed functionally. Each loss
+    is the exact mean over all batches (the one data loop).
+    """
+    names, tensors = select_parameters(model, params)
+    P = sum(t.numel() for t in tensors)
+    if not 1 <= len(directions) <= 2:
+        raise ValueError(f"give one or two directions, got {len(directions)}")
+    dirs = []
+    for i, d in enumerate(directions):
+        d = torch.as_tensor(d)
+        if d.dim() == 2 and d.shape[1] == 1:
+            d = d[:, 0]
+        if d.shape != (P,):
+            raise ShapeError(f"direction {i} has shape {tuple(d.shape)}; expected ({P},)")
+        dirs.append(d.to(dtype=tensors[0].dtype, device=tensors[0].device))
+    reduction = loss_reduction(loss_fn)
+    base = [t.detach() for t in tensors]
+    sizes = [t.numel() for t in tensors]
+    coords = torch.linspace(-radius, radius, steps, dtype=torch.float64)
+
+    def loss_at(shift: torch.Tensor) -> float:
+        moved = {n: b + s.reshape(b.shape) for n, b, s in zip(names, base, shift.split(sizes))}
+
+        def product(index: int, X: Any, y: torch.Tensor):
+            X, y = to_model(X, base[0]), to_model(y, base[0])
+            args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+            with torch.no_grad():
+                loss = loss_fn(functional_call(model, moved, args), y)
+            return loss, [loss.reshape(1)]
+
+        return float(accumulate(product, data, reduction=reduction, progress=progress)[0])
+
+    if len(dirs) == 1:
+        losses = torch.tensor([loss_at(float(a) * dirs[0]) for a in coords])
+        return Landscape(coords, None, losses)
+    losses = torch.tensor([[loss_at(float(a) * dirs[0] + float(b) * dirs[1]) for b in coords] for a in coords])
+    return Landscape(coords, coords.clone(), losses)
