@@ -112,7 +112,8 @@ def loss_landscape(
         return float(accumulate(product, data, reduction=reduction, progress=progress)[0])
 
     if len(dirs) == 1:
-        losses = torch.tensor([loss_at(float(a) * dirs[0]) for a in coords])
+        losses = torch.tensor([loss_at(float(a) * dirs[0]) for a in coords], dtype=torch.float64)
         return Landscape(coords, None, losses)
-    losses = torch.tensor([[loss_at(float(a) * dirs[0] + float(b) * dirs[1]) for b in coords] for a in coords])
+    losses = torch.tensor([[loss_at(float(a) * dirs[0] + float(b) * dirs[1]) for b in coords] for a in coords],
+                          dtype=torch.float64)
     return Landscape(coords, coords.clone(), losses)

@@ -36,11 +36,19 @@ class _State:
     Q: torch.Tensor  # [P, m] Lanczos basis
     alpha: torch.Tensor  # [m]
     beta: torch.Tensor  # [m]; beta[-1] couples to the next basis vector
-    exhausted: bool  # an invariant subspace was found
+    exhausted: bool  # this step closed an invariant subspace
 
 
-def _lanczos_steps(A: SymmetricOperator, v0: torch.Tensor, max_steps: int) -> Iterator[_State]:
-    """Yield the Lanczos state after each product with ``A`` (one column per step)."""
+def _lanczos_steps(
+    A: SymmetricOperator, v0: torch.Tensor, max_steps: int, restart: torch.Generator | None | bool = False
+) -> Iterator[_State]:
+    """Yield the Lanczos state after each product with ``A`` (one column per step).
+
+    At an invariant subspace the process ends, or, with ``restart`` (``True`` or a
+    generator), continues from a random vector orthogonal to the basis, so that
+    further copies of a repeated eigenvalue, which one Krylov space cannot hold, are
+    found too (``T`` becomes block diagonal).
+    """
     P = size_of(A)
     max_steps = min(max_steps, P)
     Q = torch.zeros(P, max_steps, dtype=A.dtype, device=A.device)
@@ -58,10 +66,22 @@ def _lanczos_steps(A: SymmetricOperator, v0: torch.Tensor, max_steps: int) -> It
         beta[j] = b
         m = j + 1
         exhausted = b <= 1e-12 * max(alpha[:m].abs().max().item(), 1e-300)
-        yield _State(Q[:, :m], alpha[:m], beta[:m], exhausted)
         if exhausted:
+            beta[j] = 0.0
+        yield _State(Q[:, :m], alpha[:m], beta[:m], exhausted)
+        if not exhausted:
+            q = w / b
+            continue
+        if restart is False or m == max_steps:
             return
-        q = w / b
+        gen = restart if isinstance(restart, torch.Generator) else None
+        q = gaussian(P, 1, A, gen).squeeze(1)
+        for _ in range(2):
+            q = q - Q[:, :m] @ (Q[:, :m].T @ q)
+        norm = torch.linalg.norm(q)
+        if norm <= 1e-10:
+            return
+        q = q / norm
 
 
 def lanczos_tridiagonal(
@@ -112,15 +132,15 @@ def lanczos(
     v = v0 if v0 is not None else gaussian(P, 1, A, generator).squeeze(1)
 
     converged = False
-    for state in _lanczos_steps(A, v, max_iter):
+    for state in _lanczos_steps(A, v, max_iter, restart=generator if generator is not None else True):
         m = state.alpha.shape[0]
-        if m < min_iter and not state.exhausted and m < max_iter:
-            continue
+        if m < max_iter and (m < min_iter or state.exhausted):
+            continue  # too early, or about to restart in the orthogonal complement
         theta, S = _ritz(state.alpha, state.beta, which)
         kk = min(k, m)
         bounds = (state.beta[-1] * S[-1, :kk]).abs()
-        if state.exhausted or bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
-            converged = kk == k
+        if m == max_iter or bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
+            converged = kk == k and bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all())
             break
     vecs = state.Q @ S[:, :kk].to(dtype=A.dtype, device=A.device)
     return LanczosResult(theta[:kk].to(A.dtype), vecs, bounds.to(A.dtype), m, converged)

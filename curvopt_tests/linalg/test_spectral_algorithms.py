@@ -146,3 +146,16 @@ def test_bad_arguments():
         trace_estimate(A, 3, method="girard")
     with pytest.raises(ValueError, match="square"):
         lanczos(torch.zeros(3, 4), 1)
+
+
+@given(n=st.integers(4, 30), seed=st.integers(0, 1000))
+def test_lanczos_finds_repeated_eigenvalues_by_restarting(n, seed):
+    """One Krylov space holds one copy of a repeated eigenvalue; restarts find the rest."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.zeros(n, dtype=torch.float64)
+    ev[:3] = 2.0  # triple top eigenvalue, the rest zero (like dead ReLU units)
+    A = (Q * ev) @ Q.T
+    res = lanczos(A, 3, tol=1e-10, max_iter=n, generator=g)
+    torch.testing.assert_close(res.eigenvalues, torch.full((3,), 2.0, dtype=torch.float64), rtol=0, atol=1e-8)
+    assert res.converged
