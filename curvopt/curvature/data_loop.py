@@ -132,9 +132,9 @@ def accumulate(
     if progress:
         from tqdm.auto import tqdm
 
-        total = 1 if is_single_batch(data) else (len(data) if hasattr(data, "__len__") else None)
+        count = 1 if is_single_batch(data) else (len(data) if hasattr(data, "__len__") else None)
         desc = progress if isinstance(progress, str) else "curvature pass"
-        batches = tqdm(batches, total=total, desc=desc, unit="batch", leave=False)
+        batches = tqdm(batches, total=count, desc=desc, unit="batch", leave=False)
     for index, X, y in _micro_batches(batches, micro_batch_size):
         n = batch_size(X)
         if n == 0:

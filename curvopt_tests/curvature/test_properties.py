@@ -78,6 +78,16 @@ def test_dataloader_with_short_last_batch():
     torch.testing.assert_close(curvopt.curvature("ggn", model, loss_fn, loader).to_dense(), ref)
 
 
+def test_progress_bar_leaves_results_unchanged(capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    data = [(torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))) for _ in range(3)]
+    plain = curvopt.curvature("ggn", model, nn.CrossEntropyLoss(), data).to_dense()
+    shown = curvopt.curvature("ggn", model, nn.CrossEntropyLoss(), data, progress="ggn pass").to_dense()
+    torch.testing.assert_close(shown, plain, rtol=0, atol=0)
+    assert "ggn pass" in capsys.readouterr().err
+
+
 def test_params_subset_is_the_submatrix():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()

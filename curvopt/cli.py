@@ -1,0 +1,225 @@
+"""Command line: ``curvopt analyze [--config FILE.toml]``.
+
+With no config, ``analyze`` trains a small CNN on the embedded mnist1d data for a few
+epochs, then prints the top Hessian eigenvalues, the trace with its standard error and
+the per-layer sensitivity table, and writes the spectral density and loss-landscape
+plots. Bad configuration ends with a one-line error and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvopt.errors import CurvoptError
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"arch": "cnn1d", "checkpoint": "", "train_epochs": 10, "lr": 3e-3, "seed": 0},
+    "data": {"dataset": "mnist1d", "samples": 2000, "batch_size": 500},
+    "loss": {"name": "cross_entropy"},
+    "curvature": {"backend": "hessian", "options": {}},
+    "estimators": {
+        "top_k": 5,
+        "tol": 1e-3,
+        "trace_probes": 60,
+        "trace_method": "hutchpp",
+        "density_probes": 2,
+        "density_steps": 40,
+        "sensitivity_bits": 4,
+        "landscape_steps": 21,
+        "landscape_radius": 1.0,
+        "seed": 0,
+    },
+    "output": {"dir": "runs/analyze", "plots": True, "progress": True},
+}
+ARCHS = ("cnn1d", "mlp")
+DATASETS = ("mnist1d", "digits")
+LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
+
+
+class ConfigError(CurvoptError, ValueError):
+    """A configuration the CLI cannot run."""
+
+
+def load_config(path: str | None) -> dict[str, dict[str, Any]]:
+    """The defaults, overridden by the TOML file at ``path``; unknown keys are errors."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is None:
+        return config
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        user = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    for section, values in user.items():
+        if section not in config:
+            raise ConfigError(f"unknown section [{section}] in {path}; valid: {', '.join(config)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] in {path} must be a table")
+        for key, value in values.items():
+            if key not in config[section]:
+                raise ConfigError(
+                    f"unknown key '{key}' in [{section}] of {path}; valid: {', '.join(config[section])}"
+                )
+            expected = type(DEFAULTS[section][key])
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ConfigError(
+                    f"[{section}] {key} = {value!r} should be a {expected.__name__} in {path}"
+                )
+            config[section][key] = value
+    _check_choices(config)
+    return config
+
+
+def _check_choices(config: dict[str, dict[str, Any]]) -> None:
+    for section, key, valid in [("model", "arch", ARCHS), ("data", "dataset", DATASETS),
+                                ("loss", "name", tuple(LOSSES))]:
+        if config[section][key] not in valid:
+            raise ConfigError(f"[{section}] {key} = {config[section][key]!r}; valid: {', '.join(valid)}")
+    from curvopt.curvature import available_curvatures
+
+    backend = config["curvature"]["backend"]
+    if backend not in available_curvatures():
+        raise ConfigError(f"[curvature] backend = {backend!r}; valid: {', '.join(available_curvatures())}")
+
+
+def _dataset(config):
+    from curvopt.data import digits, mnist1d
+
+    return mnist1d() if config["data"]["dataset"] == "mnist1d" else digits()
+
+
+def _model(config, features: int, classes: int) -> nn.Module:
+    from curvopt.models import cnn1d, mlp
+
+    torch.manual_seed(config["model"]["seed"])
+    if config["model"]["arch"] == "cnn1d":
+        return cnn1d(length=features, classes=classes)
+    return mlp((features, 128, 128, classes))
+
+
+def _accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(1) == y).float().mean())
+
+
+def _train(model, data, loss_fn, config, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    epochs = config["model"]["train_epochs"]
+    opt = torch.optim.Adam(model.parameters(), lr=config["model"]["lr"])
+    loader = data.loader(batch_size=128, shuffle=True, seed=config["model"]["seed"])
+    model.train()
+    for _ in tqdm(range(epochs), desc="training", unit="epoch", disable=not progress):
+        for X, y in loader:
+            opt.zero_grad()
+            loss_fn(model(X), y).backward()
+            opt.step()
+    model.eval()
+
+
+def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[str, Any]:
+    """Run the analysis described by ``config``; returns what it printed, as data."""
+    import curvopt
+    from curvopt.curvature import curvature
+
+    est, outcfg = config["estimators"], config["output"]
+    progress = bool(outcfg["progress"])
+    out = Path(out or outcfg["dir"])
+    data = _dataset(config)
+    model = _model(config, data.X_train.shape[1], data.num_classes)
+    loss_fn = LOSSES[config["loss"]["name"]]()
+    ckpt = config["model"]["checkpoint"]
+    t0 = time.perf_counter()
+    if ckpt:
+        if not Path(ckpt).is_file():
+            raise ConfigError(f"[model] checkpoint not found: {ckpt}")
+        try:
+            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        except (RuntimeError, KeyError) as e:
+            raise ConfigError(f"[model] checkpoint {ckpt} does not fit a {config['model']['arch']}: "
+                              f"{str(e).splitlines()[0]}") from e
+    else:
+        _train(model, data, loss_fn, config, progress)
+    model.eval()
+    n = min(config["data"]["samples"], data.X_train.shape[0])
+    batches = list(zip(data.X_train[:n].split(config["data"]["batch_size"]),
+                       data.y_train[:n].split(config["data"]["batch_size"])))
+    print(f"model: {config['model']['arch']} ({sum(p.numel() for p in model.parameters())} parameters), "
+          f"{'loaded' if ckpt else 'trained'} in {time.perf_counter() - t0:.1f}s; "
+          f"train acc {_accuracy(model, data.X_train, data.y_train):.3f}, "
+          f"test acc {_accuracy(model, data.X_test, data.y_test):.3f}")
+    backend = config["curvature"]["backend"]
+    options = dict(config["curvature"]["options"])
+    options.setdefault("cache", True)
+    bar = f"{backend} pass" if progress else False
+    op = curvature(backend, model, loss_fn, batches, progress=bar, **options)
+    print(f"curvature: {backend} on {n} samples in {len(batches)} batches, P = {op.shape[0]}")
+
+    top = curvopt.top_eigenvalues(op, est["top_k"], tol=est["tol"], seed=est["seed"])
+    print(f"top-{est['top_k']} eigenvalues ({top.iterations} products): "
+          + ", ".join(f"{v:.4g}" for v in top.eigenvalues.tolist()))
+    report = curvopt.sensitivity(model, batches, loss_fn, curvature=backend, probes=est["trace_probes"],
+                                 method=est["trace_method"], bits=est["sensitivity_bits"], seed=est["seed"],
+                                 progress=bar, **options)
+    print(f"trace: {report.total_trace:.4g} ± {report.total_trace_se:.2g} "
+          f"({est['trace_method']}, {est['trace_probes']} products)")
+    print(report.table())
+    result = {"top_eigenvalues": top.eigenvalues.tolist(), "trace": report.total_trace,
+              "trace_se": report.total_trace_se, "sensitivity": report.to_dict()}
+    out.mkdir(parents=True, exist_ok=True)
+    if outcfg["plots"]:
+        from curvopt.analysis.plots import plot_landscape, plot_spectral_density
+
+        grid, dens = curvopt.spectral_density(op, probes=est["density_probes"], steps=est["density_steps"],
+                                              seed=est["seed"])
+        paths = [plot_spectral_density(grid, dens, out / "spectral_density.png")]
+        land = curvopt.loss_landscape(model, loss_fn, batches, [top.eigenvectors[:, 0]],
+                                      steps=est["landscape_steps"], radius=est["landscape_radius"])
+        paths.append(plot_landscape(land, out / "landscape_top_eigenvector.png",
+                                    title="loss along the top Hessian eigenvector"))
+        if top.eigenvectors.shape[1] > 1:
+            land2 = curvopt.loss_landscape(model, loss_fn, batches,
+                                           [top.eigenvectors[:, 0], top.eigenvectors[:, 1]],
+                                           steps=max(5, est["landscape_steps"] // 2),
+                                           radius=est["landscape_radius"])
+            paths.append(plot_landscape(land2, out / "landscape_top2.png",
+                                        title="loss on the top-2 eigenvector plane"))
+        result["plots"] = [str(p) for p in paths]
+        print("plots: " + ", ".join(result["plots"]))
+    (out / "analysis.json").write_text(json.dumps(result, indent=2))
+    print(f"report: {out / 'analysis.json'}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="curvopt", description="curvature analysis and second-order training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("analyze", help="spectrum, trace and per-layer sensitivity of a trained network")
+    p.add_argument("--config", help="TOML file (model/checkpoint, data, loss, curvature backend, budgets)")
+    p.add_argument("--out", help="output folder (default: [output] dir)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        analyze(config, Path(args.out) if args.out else None)
+    except (CurvoptError, OSError) as e:
+        print(f"curvopt: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
