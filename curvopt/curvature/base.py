@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from curvopt.curvature.data_loop import accumulate, check_data, to_model
+from curvopt.curvature.data_loop import accumulate, batch_size, check_data, to_model
 from curvopt.curvature.losses import loss_reduction
 from curvopt.curvature.params import Block, custom_blocks, module_blocks, select_parameters
 from curvopt.errors import OptionError, ShapeError
@@ -46,10 +46,9 @@ class CurvatureOperator(ABC):
             or a list of lists; default: one block per module, named by module path.
         reduction: Override of the loss's ``reduction`` attribute (``"mean"``/``"sum"``).
         max_batch_columns: The most ``samples x columns`` one vectorized product
-            handles at once: a ``k``-column product cuts larger batches into
-            micro-batches (same result, same arithmetic), which keeps the working set
-            in cache on CPU and bounds memory on GPU. Single products are never cut
-            for batches up to this many samples.
+            handles at once: a ``k``-column product on a batch of ``n`` samples runs
+            its columns in chunks of ``max_batch_columns // n`` (same result), which
+            keeps the working set in cache on CPU and bounds memory on GPU.
         cache: Keep each batch's context between products (faster repeated products
             at the same parameters, e.g. in Krylov solvers, at the price of memory for
             every batch's intermediates); invalidated automatically when a selected
@@ -63,9 +62,6 @@ class CurvatureOperator(ABC):
     """
 
     name: ClassVar[str] = ""
-    #: Whether a batch may be cut into micro-batches (False where per-batch randomness
-    #: must not depend on how a product is split).
-    splittable: ClassVar[bool] = True
     #: Values the ``cache`` option accepts.
     cache_modes: ClassVar[tuple[Any, ...]] = (False, True)
 
@@ -209,14 +205,13 @@ class CurvatureOperator(ABC):
             contexts = self._cached[1]
             served = iter(contexts)  # accumulate visits the stored batches in order
             return accumulate(
-                lambda i, X, y: self._product(next(served)[2], V),
+                lambda i, X, y: self._product(next(served)[2], V, batch_size(X)),
                 [(X, y) for X, y, _ in contexts],
                 reduction=self.reduction,
                 process_group=self.process_group,
                 progress=self.progress,
             )
         fresh: list[tuple[Any, Any, Any]] = []
-        micro = self._micro_batch_size(V[0].shape[0])
 
         def product(index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
             X, y = self._to_model(X), self._to_model(y)
@@ -227,31 +222,30 @@ class CurvatureOperator(ABC):
             ctx = self._batch_context(index, X, y)
             if self.cache:
                 fresh.append((X, y, ctx))
-            return self._product(ctx, V)
+            return self._product(ctx, V, batch_size(X))
 
         result = accumulate(
             product,
             self.data,
             reduction=self.reduction,
             process_group=self.process_group,
-            micro_batch_size=micro,
             progress=self.progress,
         )
         if self.cache:
             self._cached = (versions, fresh)
         return result
 
-    def _product(self, ctx: Any, V: TensorList) -> tuple[torch.Tensor, TensorList]:
-        if V[0].shape[0] == 1:
+    def _product(self, ctx: Any, V: TensorList, n: int) -> tuple[torch.Tensor, TensorList]:
+        """Columns of ``V`` times batch ``ctx`` (``n`` samples), vmapped in chunks."""
+        k = V[0].shape[0]
+        if k == 1:
             loss, out = self._batch_matvec(ctx, [v[0] for v in V])
             return loss, [o.unsqueeze(0) for o in out]
-        loss, out = vmap(lambda v: self._batch_matvec(ctx, v), out_dims=(None, 0))(V)
-        return loss, list(out)
-
-    def _micro_batch_size(self, columns: int) -> int | None:
-        if not self.splittable:
-            return None
-        return max(1, self.max_batch_columns // columns)
+        chunk = max(1, self.max_batch_columns // max(n, 1))
+        batched = vmap(lambda v: self._batch_matvec(ctx, v), out_dims=(None, 0))
+        parts = [batched([v[s : s + chunk] for v in V]) for s in range(0, k, chunk)]
+        loss = parts[0][0]
+        return loss, [torch.cat(cols) for cols in zip(*(out for _, out in parts))]
 
     def clear_cache(self) -> None:
         """Drop cached linearizations (they are also dropped when a parameter changes)."""

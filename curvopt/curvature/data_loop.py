@@ -98,21 +98,16 @@ def accumulate(
     *,
     reduction: str,
     process_group: Any = None,
-    micro_batch_size: int | None = None,
     progress: bool | str = False,
 ) -> list[torch.Tensor]:
     """Sum per-batch results into the curvature of the whole empirical risk.
 
     Args:
-        product: ``product(index, X, y) -> (loss, tensors)`` evaluated on one (micro-)batch
-            with the loss's own reduction; ``loss`` is its loss (a scalar tensor) and
-            ``index`` the position of the user's batch it comes from.
+        product: ``product(index, X, y) -> (loss, tensors)`` evaluated on batch ``index``
+            with the loss's own reduction; ``loss`` is the batch loss (a scalar tensor).
         data: One ``(X, y)`` batch or an iterable of them.
         reduction: ``"mean"``: the risk is the mean over all samples, so batch ``b`` is
             weighted by ``N_b / N``; ``"sum"``: the risk is the sum, weight 1.
-        micro_batch_size: Cut larger batches into consecutive micro-batches of at most
-            this many samples before calling ``product`` (``None``: never cut); the
-            result is unchanged because every piece is weighted by its own size.
         progress: Show a tqdm bar over the batches (a string is its description).
         process_group: A ``torch.distributed`` group to all-reduce over; ``None`` uses
             the default group when one is initialized, and no communication otherwise.
@@ -127,7 +122,7 @@ def accumulate(
     total: list[torch.Tensor] | None = None
     losses: list[torch.Tensor] = []
     n_samples = 0
-    batch_of_loss: list[int] = []  # the user's batch index behind each loss
+    batch_of_loss: list[int] = []  # the batch index behind each loss (empty batches skipped)
     batches = iterate_batches(data)
     if progress:
         from tqdm.auto import tqdm
@@ -135,7 +130,7 @@ def accumulate(
         count = 1 if is_single_batch(data) else (len(data) if hasattr(data, "__len__") else None)
         desc = progress if isinstance(progress, str) else "curvature pass"
         batches = tqdm(batches, total=count, desc=desc, unit="batch", leave=False)
-    for index, X, y in _micro_batches(batches, micro_batch_size):
+    for index, (X, y) in enumerate(batches):
         n = batch_size(X)
         if n == 0:
             continue
@@ -161,22 +156,6 @@ def accumulate(
     if reduction == "mean":
         total = [t / n_samples for t in total]
     return total
-
-
-def _micro_batches(batches: Iterable[Batch], size: int | None) -> Iterator[tuple[int, Any, torch.Tensor]]:
-    for index, (X, y) in enumerate(batches):
-        n = batch_size(X)
-        if size is None or n <= size:
-            yield index, X, y
-            continue
-        for start in range(0, n, size):
-            yield index, _slice(X, start, start + size), y[start : start + size]
-
-
-def _slice(X: Any, start: int, stop: int) -> Any:
-    if _is_tensor_tuple(X):
-        return type(X)(t[start:stop] for t in X)
-    return X[start:stop]
 
 
 def _all_reduce(

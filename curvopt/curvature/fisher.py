@@ -28,9 +28,6 @@ class FisherOperator(JacobianSandwich):
         **options: As for :class:`~curvopt.curvature.base.CurvatureOperator`.
     """
 
-    # Label draws are per batch; cutting a batch differently would draw other labels.
-    splittable = False
-
     def __init__(self, model, loss_fn, data, *, mc_samples: int = 1, seed: int = 0, **options: Any):
         if not isinstance(mc_samples, int) or isinstance(mc_samples, bool) or mc_samples < 1:
             raise OptionError(f"mc_samples must be a positive integer, got {mc_samples!r}")

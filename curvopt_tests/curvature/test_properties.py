@@ -191,15 +191,15 @@ def test_cache_is_invalidated_when_parameters_change():
 
 @pytest.mark.parametrize("name", ["hessian", "ggn", "empirical_fisher", "fisher"])
 @given(pb=problems(kinds=("mlp", "cnn1d")), budget=st.integers(1, 7), k=st.integers(1, 3))
-def test_micro_batching_does_not_change_products(name, pb, budget, k):
-    """Cutting batches into micro-batches of budget // k samples gives the same product."""
+def test_column_chunking_does_not_change_products(name, pb, budget, k):
+    """Running the columns in chunks of max_batch_columns // n gives the same product."""
     whole = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data)
     cut = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data, max_batch_columns=budget)
     V = torch.randn(whole.shape[0], k, dtype=torch.float64)
     torch.testing.assert_close(cut @ V, whole @ V, rtol=1e-9, atol=1e-11)
 
 
-def test_non_finite_loss_reports_the_users_batch_when_micro_batching():
+def test_non_finite_loss_reports_the_batch_when_chunking_columns():
     from curvopt.errors import NonFiniteLossError
 
     model = nn.Linear(2, 2).double()
