@@ -33,3 +33,4 @@ def test_docs_build_offline(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "curvature.html").exists()
     assert "HessianOperator" in (tmp_path / "curvature.html").read_text()
+    assert "sensitivity" in (tmp_path / "analysis.html").read_text()
