@@ -1,0 +1,21 @@
+"""The spectrum benchmark runs (tiny sizes) and its figures are consistent."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_spectrum_benchmark_quick(capsys):
+    spec = importlib.util.spec_from_file_location("bench_spectrum", ROOT / "benchmarks" / "spectrum.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--quick"])
+    assert set(results) == {"MLP 40-256-256-10", "CNN Conv1d"}
+    for row in results.values():
+        ref = row["ref_top5"]
+        assert ref == sorted(ref, reverse=True)
+        assert row["lanczos_top1"] is not None and row["lanczos_top1"] >= 1
+        assert row["per_block_sum_gap"] < 1e-6 * abs(row["trace_ref"][0]) + 1e-6
+        assert set(row["trace_rms"]) == {"hutchinson", "hutchpp"}
+    assert "(d) per-layer traces" in capsys.readouterr().out
