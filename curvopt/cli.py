@@ -188,14 +188,16 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
                                               seed=est["seed"])
         paths = [plot_spectral_density(grid, dens, out / "spectral_density.png")]
         land = curvopt.loss_landscape(model, loss_fn, batches, [top.eigenvectors[:, 0]],
-                                      steps=est["landscape_steps"], radius=est["landscape_radius"])
+                                      steps=est["landscape_steps"], radius=est["landscape_radius"],
+                                      progress="landscape pass" if progress else False)
         paths.append(plot_landscape(land, out / "landscape_top_eigenvector.png",
                                     title="loss along the top Hessian eigenvector"))
         if top.eigenvectors.shape[1] > 1:
             land2 = curvopt.loss_landscape(model, loss_fn, batches,
                                            [top.eigenvectors[:, 0], top.eigenvectors[:, 1]],
                                            steps=max(5, est["landscape_steps"] // 2),
-                                           radius=est["landscape_radius"])
+                                           radius=est["landscape_radius"],
+                                           progress="landscape pass" if progress else False)
             paths.append(plot_landscape(land2, out / "landscape_top2.png",
                                         title="loss on the top-2 eigenvector plane"))
         result["plots"] = [str(p) for p in paths]
