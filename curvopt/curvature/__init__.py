@@ -6,6 +6,7 @@ from curvopt.curvature.empirical_fisher import EmpiricalFisherOperator
 from curvopt.curvature.fisher import FisherOperator
 from curvopt.curvature.ggn import GGNOperator
 from curvopt.curvature.hessian import HessianOperator
+from curvopt.curvature.kfac import KFACOperator
 from curvopt.curvature.params import Block
 from curvopt.curvature.registry import (
     available_curvatures,
@@ -22,6 +23,7 @@ __all__ = [
     "FisherOperator",
     "GGNOperator",
     "HessianOperator",
+    "KFACOperator",
     "available_curvatures",
     "curvature",
     "curvature_class",

@@ -48,6 +48,11 @@ class LossSpec(ABC):
         """Per-sample ``d l_n / d f_n`` (unscaled), shaped like ``out``."""
 
     @abstractmethod
+    def hessian_sqrt(self, out: torch.Tensor) -> torch.Tensor:
+        """``[C, *out.shape]`` vectors ``h_c`` per sample with ``d^2 l / df^2 = sum_c h_c h_c^T``
+        (unscaled), for outputs ``[N, C]``."""
+
+    @abstractmethod
     def sampled_gradients(
         self, out: torch.Tensor, samples: int, generator: torch.Generator | None
     ) -> torch.Tensor:
@@ -72,6 +77,12 @@ class CrossEntropySpec(LossSpec):
             return p * y.sum(dim=1, keepdim=True) - y
         return p - _one_hot(y, out.shape[1], dim=1, like=out)
 
+    def hessian_sqrt(self, out):
+        # diag(p) - p p^T = sum_c sqrt(p_c)(e_c - p) (sqrt(p_c)(e_c - p))^T since sum_c p_c = 1
+        p = torch.softmax(out, dim=1)
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])
+
     def sampled_gradients(self, out, samples, generator):
         p = torch.softmax(out, dim=1)
         probs = p.movedim(1, -1).reshape(-1, out.shape[1])
@@ -94,6 +105,10 @@ class MSESpec(LossSpec):
     def gradients(self, out, y):
         return 2.0 * (out - y)
 
+    def hessian_sqrt(self, out):
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        return (2.0**0.5) * eye[:, None, :].expand(out.shape[1], *out.shape)
+
     def sampled_gradients(self, out, samples, generator):
         # y ~ N(f, I/2) makes E[g g^T] = 2 I, the loss Hessian.
         noise = torch.randn(
@@ -112,6 +127,11 @@ class BCEWithLogitsSpec(LossSpec):
 
     def gradients(self, out, y):
         return torch.sigmoid(out) - y
+
+    def hessian_sqrt(self, out):
+        s = torch.sigmoid(out)
+        eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+        return (s * (1 - s)).sqrt().T[:, :, None] * eye[:, None, :]
 
     def sampled_gradients(self, out, samples, generator):
         s = torch.sigmoid(out)

@@ -1,8 +1,5 @@
 """Data-parallel curvature: two gloo ranks with half the data each give the full-data operator."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,9 +19,9 @@ def _problem():
     return model, X, y
 
 
-def _worker(rank: int, world: int, port: int, name: str, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, init_file: str, name: str, queue) -> None:
+    # file rendezvous: no TCP port to pick, so no race with other tests for one
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model, X, y = _problem()
         shard = slice(0, 6) if rank == 0 else slice(6, 11)
@@ -35,20 +32,14 @@ def _worker(rank: int, world: int, port: int, name: str, queue) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["hessian", "ggn"])
-def test_two_ranks_equal_one_process_on_all_data(name):
+def test_two_ranks_equal_one_process_on_all_data(name, tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, name, queue)) for r in range(2)]
+    init_file = str(tmp_path / "rendezvous")
+    procs = [ctx.Process(target=_worker, args=(r, 2, init_file, name, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = {r: torch.from_numpy(a) for r, a in (queue.get(timeout=120) for _ in procs)}

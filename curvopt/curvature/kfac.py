@@ -1,0 +1,263 @@
+"""Kronecker-factored curvature (K-FAC; Martens & Grosse, 2015; Grosse & Martens, 2016).
+
+Each ``Linear``/``Conv1d``/``Conv2d`` layer's block is approximated by ``A ⊗ G``:
+``A`` the second moment of the layer inputs (with a constant 1 appended for the bias),
+``G`` the second moment of the vectors backpropagated to the layer outputs, scaled like
+the loss. For a weight (and bias) ``W~ = [W, b]`` of shape ``[out, in+1]`` the block
+acts as ``W~ -> G W~ A``. Weight sharing (convolutions, sequence dimensions) follows
+Eschenhagen et al. (2023): ``expand`` treats shared positions as extra samples,
+``reduce`` sums the output vectors and averages the inputs over them first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curvopt.curvature.base import CurvatureOperator, TensorList
+from curvopt.curvature.data_loop import accumulate
+from curvopt.curvature.losses import LossSpec, loss_spec
+from curvopt.curvature.registry import register_curvature
+from curvopt.errors import OptionError, ParameterError
+
+FISHER_TYPES = ("type2", "mc", "empirical")
+APPROXIMATIONS = ("expand", "reduce")
+KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+@dataclass
+class KroneckerBlock:
+    """One layer's factors. ``weight``/``bias`` index the operator's parameter list."""
+
+    module_name: str
+    module: nn.Module
+    weight: int
+    bias: int | None
+    A: torch.Tensor | None = None  # [in(+1), in(+1)]
+    G: torch.Tensor | None = None  # [out, out]
+
+
+@register_curvature("kfac")
+class KFACOperator(CurvatureOperator):
+    """K-FAC approximation of the GGN/Fisher, block-diagonal over layers.
+
+    Args:
+        fisher_type: ``"type2"`` (backpropagates the columns of the loss Hessian's square
+            root: the K-FAC of the GGN), ``"mc"`` (``mc_samples`` labels drawn from the
+            model, seeded with ``seed``) or ``"empirical"`` (the true labels).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-shared layers.
+        mc_samples: Label draws per sample for ``"mc"``.
+        seed: Seed of the label draws.
+        **options: As for :class:`~curvopt.curvature.base.CurvatureOperator`.
+
+    Factors are computed in one pass over the data at the first product and again after
+    a parameter changes. Every selected parameter must belong to a ``Linear``,
+    ``Conv1d`` or ``Conv2d`` (with ``groups=1`` and zero padding).
+    """
+
+    def __init__(self, model, loss_fn, data, *, fisher_type: str = "type2", kfac_approx: str = "expand",
+                 mc_samples: int = 1, seed: int = 0, **options: Any) -> None:
+        if fisher_type not in FISHER_TYPES:
+            raise OptionError(f"fisher_type={fisher_type!r}; valid: {', '.join(FISHER_TYPES)}")
+        if kfac_approx not in APPROXIMATIONS:
+            raise OptionError(f"kfac_approx={kfac_approx!r}; valid: {', '.join(APPROXIMATIONS)}")
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise OptionError(f"mc_samples must be a positive integer, got {mc_samples!r}")
+        super().__init__(model, loss_fn, data, **options)
+        self.spec: LossSpec = loss_spec(loss_fn, self.name, options.get("reduction"))
+        self.fisher_type, self.kfac_approx = fisher_type, kfac_approx
+        self.mc_samples, self.seed = mc_samples, int(seed)
+        self.layers = self._find_layers()
+        self._factor_versions: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------ structure
+    def _find_layers(self) -> list[KroneckerBlock]:
+        position = {n: i for i, n in enumerate(self.param_names)}
+        layers, owned = [], set()
+        for mname, module in self.model.named_modules():
+            if not isinstance(module, KRONECKER_LAYERS):
+                continue
+            prefix = f"{mname}." if mname else ""
+            w, b = position.get(prefix + "weight"), position.get(prefix + "bias")
+            if w is None:
+                if b is not None:
+                    raise ParameterError(
+                        f"kfac: layer {mname!r} has its bias selected without its weight; select both or neither")
+                continue
+            conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
+            if conv and (module.groups != 1 or module.padding_mode != "zeros"):
+                raise ParameterError(f"kfac: layer {mname!r} needs groups=1 and padding_mode='zeros'")
+            layers.append(KroneckerBlock(mname, module, w, b))
+            owned.update(i for i in (w, b) if i is not None)
+        other = [self.param_names[i] for i in range(len(self.param_names)) if i not in owned]
+        if other:
+            raise ParameterError(
+                f"kfac: no Kronecker structure for {', '.join(other)}; supported layers: "
+                f"{', '.join(t.__name__ for t in KRONECKER_LAYERS)} (deselect the others with params=...)")
+        return layers
+
+    # ------------------------------------------------------------------ factors
+    def factors(self) -> list[KroneckerBlock]:
+        """The layers with their current ``A`` and ``G`` (recomputed when parameters changed)."""
+        versions = self._versions()
+        if self._factor_versions != versions:
+            self._compute_factors()
+            self._factor_versions = versions
+        return self.layers
+
+    def _compute_factors(self) -> None:
+        sizes = []
+        for layer in self.layers:
+            d_in = layer.module.weight[0].numel() + (layer.bias is not None)
+            sizes.append((d_in, layer.module.weight.shape[0]))
+
+        def product(index: int, X: Any, y: torch.Tensor):
+            X, y = self._to_model(X), self._to_model(y)
+            return self._batch_factors(index, X, y)
+
+        parts = accumulate(product, self.data, reduction=self.reduction, process_group=self.process_group,
+                           progress=self.progress)
+        count = parts[-1]
+        for i, layer in enumerate(self.layers):
+            A, G = parts[2 * i], parts[2 * i + 1]
+            # A is a mean over samples whatever the loss reduction; under "sum" the loop
+            # adds per-batch sums, divided here by the summed sample count.
+            layer.A = A / count if self.reduction == "sum" else A
+            layer.G = G
+
+    def _batch_factors(self, index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        hooks = [layer.module.register_forward_hook(
+                     lambda mod, inp, out, i=i: captured.__setitem__(i, (inp[0].detach(), out)))
+                 for i, layer in enumerate(self.layers)]
+        primal = [p.detach().requires_grad_() for p in self._params]
+        try:
+            with torch.enable_grad():
+                out = self._forward(primal, X)
+        finally:
+            for h in hooks:
+                h.remove()
+        if out.dim() != 2:
+            raise ParameterError(f"kfac needs network outputs of shape [N, C], got {tuple(out.shape)}")
+        detached = out.detach()
+        loss = self.loss_fn(detached, y)
+        U, weight = self._output_vectors(index, detached, y)  # [K, N, C]
+        outs = [captured[i][1] for i in range(len(self.layers))]
+        grads = torch.autograd.grad(out, outs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
+        n = out.shape[0]
+        scale = self.spec.scale(detached) * weight
+        result: TensorList = []
+        for i, layer in enumerate(self.layers):
+            a, g = self._unfold(layer, captured[i][0]), grads[i]  # a: [N, T, d_in]; g: [K, N, T, out]
+            if g is None:
+                g = torch.zeros(U.shape[0], n, a.shape[1], layer.module.weight.shape[0], dtype=out.dtype,
+                                device=out.device)
+            else:
+                g = self._positions_last(layer, g)
+            if self.kfac_approx == "reduce":
+                a, g = a.mean(1, keepdim=True), g.sum(2, keepdim=True)
+            T = a.shape[1]
+            a = a.reshape(n * T, -1)
+            A = a.T @ a / (n * T) if self.reduction == "mean" else a.T @ a / T
+            g = g.reshape(g.shape[0] * n * T, -1)
+            result += [A, scale * (g.T @ g)]
+        count = torch.tensor(float(n), dtype=out.dtype, device=out.device)
+        return loss, [*result, count if self.reduction == "sum" else count / n]
+
+    def _output_vectors(self, index: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Vectors to backpropagate ``[K, N, C]`` and the weight ``1/K`` or 1 of their outer products."""
+        if self.fisher_type == "type2":
+            return self.spec.hessian_sqrt(out), 1.0
+        if self.fisher_type == "empirical":
+            return self.spec.gradients(out, y).unsqueeze(0), 1.0
+        g = torch.Generator(device=out.device)
+        g.manual_seed(self.seed * 1_000_003 + index)
+        return self.spec.sampled_gradients(out, self.mc_samples, g), 1.0 / self.mc_samples
+
+    @staticmethod
+    def _unfold(layer: KroneckerBlock, x: torch.Tensor) -> torch.Tensor:
+        """Layer inputs as ``[N, T, d_in]`` (``T`` shared positions), with a 1 for the bias."""
+        m = layer.module
+        if isinstance(m, nn.Linear):
+            a = x.reshape(x.shape[0], -1, x.shape[-1])
+        else:
+            if isinstance(m, nn.Conv1d):
+                x = x.unsqueeze(2)
+                kernel, dil, pad, stride = (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride)
+            else:
+                kernel, dil, pad, stride = m.kernel_size, m.dilation, m.padding, m.stride
+            if isinstance(pad, str):
+                raise ParameterError(f"kfac: layer {layer.module_name!r} uses padding={pad!r}; give it as numbers")
+            a = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride).transpose(1, 2)
+        if layer.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        return a
+
+    @staticmethod
+    def _positions_last(layer: KroneckerBlock, g: torch.Tensor) -> torch.Tensor:
+        """Backpropagated vectors ``[K, N, out, *spatial]`` or ``[K, N, *, out]`` as ``[K, N, T, out]``."""
+        K, n = g.shape[:2]
+        if isinstance(layer.module, nn.Linear):
+            return g.reshape(K, n, -1, g.shape[-1])
+        return g.reshape(K, n, g.shape[2], -1).transpose(2, 3)
+
+    # ------------------------------------------------------------------ products
+    def _matrices(self, layer: KroneckerBlock, V: TensorList) -> torch.Tensor:
+        """The columns of ``V`` for one layer as ``[k, out, in(+1)]`` matrices ``[W, b]``."""
+        k, W = V[layer.weight].shape[0], V[layer.weight]
+        M = W.reshape(k, W.shape[1], -1)
+        if layer.bias is not None:
+            M = torch.cat([M, V[layer.bias].reshape(k, -1, 1)], dim=2)
+        return M
+
+    def _scatter(self, layer: KroneckerBlock, M: torch.Tensor, out: list) -> None:
+        w = self._params[layer.weight]
+        d_w = w[0].numel()
+        out[layer.weight] = M[:, :, :d_w].reshape(M.shape[0], *w.shape)
+        if layer.bias is not None:
+            out[layer.bias] = M[:, :, d_w]
+
+    def _matmat_list(self, V: TensorList) -> TensorList:
+        out: list = [None] * len(V)
+        for layer in self.factors():
+            self._scatter(layer, layer.G @ self._matrices(layer, V) @ layer.A, out)
+        return out
+
+    def inverse_matmat(self, V: torch.Tensor, damping: float, *, factored: bool = False) -> torch.Tensor:
+        """``(K + damping I)^{-1} V`` for ``V`` ``[P]`` or ``[P, k]``, ``K`` this operator.
+
+        Exact for the Kronecker blocks via eigendecompositions of ``A`` and ``G``. With
+        ``factored=True`` it applies ``(A + pi sqrt(d) I)^{-1} ⊗ (G + sqrt(d)/pi I)^{-1}``
+        instead, the factored Tikhonov damping of Martens & Grosse (2015) with
+        ``pi = sqrt((tr A / dim A) / (tr G / dim G))``.
+        """
+        if damping <= 0:
+            raise OptionError(f"damping must be positive, got {damping!r}")
+        vector = V.dim() == 1
+        Vm = (V.unsqueeze(1) if vector else V).to(dtype=self.dtype, device=self.device)
+        parts = self.unflatten(Vm.T)
+        out: list = [None] * len(parts)
+        for layer in self.factors():
+            M = self._matrices(layer, parts)
+            la, Qa = torch.linalg.eigh(layer.A)
+            lg, Qg = torch.linalg.eigh(layer.G)
+            if factored:
+                pi = ((layer.A.trace() / layer.A.shape[0]) / (layer.G.trace() / layer.G.shape[0]).clamp_min(1e-30)
+                      ).clamp_min(1e-30).sqrt()
+                denom = (lg + damping**0.5 / pi)[:, None] * (la + pi * damping**0.5)[None, :]
+            else:
+                denom = lg[:, None] * la[None, :] + damping
+            R = Qg @ ((Qg.T @ M @ Qa) / denom) @ Qa.T
+            self._scatter(layer, R, out)
+        result = self.flatten(out).T
+        return result.squeeze(1) if vector else result
+
+    def _batch_context(self, index, X, y):  # pragma: no cover - products use the factors
+        raise RuntimeError("KFACOperator multiplies with its factors, not per batch")
+
+    def _batch_matvec(self, ctx, v):  # pragma: no cover - products use the factors
+        raise RuntimeError("KFACOperator multiplies with its factors, not per batch")
