@@ -11,12 +11,14 @@ Eschenhagen et al. (2023): ``expand`` treats shared positions as extra samples,
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import vjp, vmap
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
 from curvopt.curvature.data_loop import accumulate
@@ -55,8 +57,10 @@ class KFACOperator(CurvatureOperator):
         **options: As for :class:`~curvopt.curvature.base.CurvatureOperator`.
 
     Factors are computed in one pass over the data at the first product and again after
-    a parameter changes. Every selected parameter must belong to a ``Linear``,
-    ``Conv1d`` or ``Conv2d`` (with ``groups=1`` and zero padding).
+    a parameter changes. Parameters of other layers (norm layers, embeddings, ...) get a
+    diagonal block, the exact diagonal of the same Fisher type from per-sample products
+    (one warning names them); their layers must treat samples independently (e.g.
+    ``BatchNorm`` in eval mode).
     """
 
     def __init__(self, model, loss_fn, data, *, fisher_type: str = "type2", kfac_approx: str = "expand",
@@ -71,11 +75,16 @@ class KFACOperator(CurvatureOperator):
         self.spec: LossSpec = loss_spec(loss_fn, self.name, options.get("reduction"))
         self.fisher_type, self.kfac_approx = fisher_type, kfac_approx
         self.mc_samples, self.seed = mc_samples, int(seed)
-        self.layers = self._find_layers()
+        self.layers, self.diagonal_params = self._find_layers()
+        self.diagonal: dict[int, torch.Tensor] = {}
         self._factor_versions: tuple[int, ...] | None = None
+        if self.diagonal_params:
+            names = ", ".join(self.param_names[i] for i in self.diagonal_params)
+            warnings.warn(f"kfac: no Kronecker structure for {names}; they get a diagonal block "
+                          f"(Kronecker layers: {', '.join(t.__name__ for t in KRONECKER_LAYERS)})", stacklevel=3)
 
     # ------------------------------------------------------------------ structure
-    def _find_layers(self) -> list[KroneckerBlock]:
+    def _find_layers(self) -> tuple[list[KroneckerBlock], list[int]]:
         position = {n: i for i, n in enumerate(self.param_names)}
         layers, owned = [], set()
         for mname, module in self.model.named_modules():
@@ -93,12 +102,7 @@ class KFACOperator(CurvatureOperator):
                 raise ParameterError(f"kfac: layer {mname!r} needs groups=1 and padding_mode='zeros'")
             layers.append(KroneckerBlock(mname, module, w, b))
             owned.update(i for i in (w, b) if i is not None)
-        other = [self.param_names[i] for i in range(len(self.param_names)) if i not in owned]
-        if other:
-            raise ParameterError(
-                f"kfac: no Kronecker structure for {', '.join(other)}; supported layers: "
-                f"{', '.join(t.__name__ for t in KRONECKER_LAYERS)} (deselect the others with params=...)")
-        return layers
+        return layers, [i for i in range(len(self.param_names)) if i not in owned]
 
     # ------------------------------------------------------------------ factors
     def factors(self) -> list[KroneckerBlock]:
@@ -122,6 +126,7 @@ class KFACOperator(CurvatureOperator):
         parts = accumulate(product, self.data, reduction=self.reduction, process_group=self.process_group,
                            progress=self.progress)
         count = parts[-1]
+        self.diagonal = dict(zip(self.diagonal_params, parts[2 * len(self.layers):-1]))
         for i, layer in enumerate(self.layers):
             A, G = parts[2 * i], parts[2 * i + 1]
             # A is a mean over samples whatever the loss reduction; under "sum" the loop
@@ -165,8 +170,31 @@ class KFACOperator(CurvatureOperator):
             A = a.T @ a / (n * T) if self.reduction == "mean" else a.T @ a / T
             g = g.reshape(g.shape[0] * n * T, -1)
             result += [A, scale * (g.T @ g)]
+        result += self._diagonal_blocks(X, U, scale)
         count = torch.tensor(float(n), dtype=out.dtype, device=out.device)
         return loss, [*result, count if self.reduction == "sum" else count / n]
+
+    def _diagonal_blocks(self, X: Any, U: torch.Tensor, scale: float) -> TensorList:
+        """``scale * sum_{n,k} (J_n^T u_{n,k})^2`` for the parameters without Kronecker structure."""
+        if not self.diagonal_params:
+            return []
+        if isinstance(X, (tuple, list)):
+            raise ParameterError("kfac's diagonal blocks need a single input tensor per batch")
+        primal = self._primal()
+        fixed = [primal[i] for i in self.diagonal_params]
+
+        def output_of_one(sub: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+            params = list(primal)
+            for i, p in zip(self.diagonal_params, sub):
+                params[i] = p
+            return self._forward(params, x.unsqueeze(0)).squeeze(0)
+
+        def per_sample(x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:  # u: [K, C]
+            _, pull = vjp(lambda *sub: output_of_one(sub, x), *fixed)
+            return vmap(pull)(u)
+
+        grads = vmap(per_sample)(X, U.transpose(0, 1))  # per parameter: [N, K, *shape]
+        return [scale * (g**2).sum((0, 1)) for g in grads]
 
     def _output_vectors(self, index: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Vectors to backpropagate ``[K, N, C]`` and the weight ``1/K`` or 1 of their outer products."""
@@ -225,6 +253,8 @@ class KFACOperator(CurvatureOperator):
         out: list = [None] * len(V)
         for layer in self.factors():
             self._scatter(layer, layer.G @ self._matrices(layer, V) @ layer.A, out)
+        for i, d in self.diagonal.items():
+            out[i] = d * V[i]
         return out
 
     def inverse_matmat(self, V: torch.Tensor, damping: float, *, factored: bool = False) -> torch.Tensor:
@@ -253,6 +283,8 @@ class KFACOperator(CurvatureOperator):
                 denom = lg[:, None] * la[None, :] + damping
             R = Qg @ ((Qg.T @ M @ Qa) / denom) @ Qa.T
             self._scatter(layer, R, out)
+        for i, d in self.diagonal.items():
+            out[i] = parts[i] / (d + damping)
         result = self.flatten(out).T
         return result.squeeze(1) if vector else result
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 import curvopt
-from curvopt.errors import OptionError, ParameterError
+from curvopt.errors import OptionError
 from curvopt_tests.problems import problems
 
 
@@ -161,11 +161,29 @@ def test_factors_follow_parameter_changes():
     torch.testing.assert_close(op.to_dense(), fresh)
 
 
+@pytest.mark.parametrize("fisher_type", ["type2", "empirical"])
+def test_other_layers_get_the_exact_diagonal_with_one_warning(fisher_type):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 3, (7,))
+    data = _split(X, y, [4, 3])
+    with pytest.warns(UserWarning, match=r"no Kronecker structure for 1.weight, 1.bias; they get a") as rec:
+        op = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), data, fisher_type=fisher_type)
+    assert len(rec) == 1
+    K = op.to_dense()
+    ref = curvopt.curvature("ggn" if fisher_type == "type2" else "empirical_fisher", model,
+                            nn.CrossEntropyLoss(), data).to_dense()
+    ln = slice(16, 24)  # 0.weight (12), 0.bias (4), then 1.weight, 1.bias
+    torch.testing.assert_close(K[ln, ln], torch.diag(ref.diagonal()[ln]))
+    assert (K[ln, :16] == 0).all() and (K[ln, 24:] == 0).all()
+    V = torch.randn(op.shape[0], 2, dtype=torch.float64)
+    damped = K + 0.1 * torch.eye(op.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(damped @ op.inverse_matmat(V, 0.1), V)
+
+
 def test_kfac_errors():
     model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
     data = (torch.randn(4, 2), torch.randint(0, 2, (4,)))
-    with pytest.raises(ParameterError, match=r"no Kronecker structure for 1.weight, 1.bias; supported layers"):
-        curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), data)
     op = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), data,
                            params=[n for n, _ in model.named_parameters() if not n.startswith("1.")])
     assert op.shape[0] == 9 + 8
