@@ -20,6 +20,16 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, title: str, path: str | Path) -> Path:
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_spectral_density(grid: torch.Tensor, density: torch.Tensor, path: str | Path, *,
                           title: str = "Hessian eigenvalue density") -> Path:
     """Save the density on a log scale as a PNG; returns the path."""
@@ -28,13 +38,7 @@ def plot_spectral_density(grid: torch.Tensor, density: torch.Tensor, path: str |
     ax.semilogy(grid.cpu().numpy(), density.clamp_min(1e-12).cpu().numpy())
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)")
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, title, path)
 
 
 def plot_landscape(landscape: Landscape, path: str | Path, *, title: str = "loss landscape") -> Path:
@@ -51,10 +55,4 @@ def plot_landscape(landscape: Landscape, path: str | Path, *, title: str = "loss
         fig.colorbar(cs, ax=ax, label="loss")
         ax.set_xlabel("direction 1")
         ax.set_ylabel("direction 2")
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, title, path)

@@ -1,15 +1,10 @@
 """The operator benchmark runs (tiny sizes) and reports a sane table."""
 
-import importlib.util
-import pathlib
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from curvopt_tests.benchmarks import load_benchmark
 
 
 def test_operators_benchmark_quick(capsys):
-    spec = importlib.util.spec_from_file_location("bench_ops", ROOT / "benchmarks" / "operators.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("operators")
     results = module.main(["--quick"])
     assert [label for label, _ in results] == ["MLP 40-256-256-10", "CNN Conv1d"]
     for _, rows in results:

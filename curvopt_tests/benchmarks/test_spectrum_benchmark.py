@@ -1,15 +1,10 @@
 """The spectrum benchmark runs (tiny sizes) and its figures are consistent."""
 
-import importlib.util
-import pathlib
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from curvopt_tests.benchmarks import load_benchmark
 
 
 def test_spectrum_benchmark_quick(capsys):
-    spec = importlib.util.spec_from_file_location("bench_spectrum", ROOT / "benchmarks" / "spectrum.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("spectrum")
     results = module.main(["--quick"])
     assert set(results) == {"MLP 40-256-256-10", "CNN Conv1d"}
     for row in results.values():

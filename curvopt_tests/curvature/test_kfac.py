@@ -16,6 +16,13 @@ def _split(X, y, cuts):
     return list(zip(X.split(cuts), y.split(cuts)))
 
 
+def _classifier(d_in, hidden, classes, n):
+    """A seeded tanh MLP in float64 with ``n`` random samples."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, classes)).double()
+    return model, torch.randn(n, d_in, dtype=torch.float64), torch.randint(0, classes, (n,))
+
+
 @given(n=st.integers(1, 7), d_in=st.integers(1, 4), d_out=st.integers(1, 3), bias=st.booleans(),
        reduction=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 1000), first=st.integers(1, 7))
 def test_type2_equals_ggn_for_one_linear_layer_with_mse(n, d_in, d_out, bias, reduction, seed, first):
@@ -110,9 +117,7 @@ def test_conv_input_factor_against_explicit_patches(approx):
 
 
 def test_mc_converges_to_type2():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3)).double()
-    X, y = torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model, X, y = _classifier(2, 3, 3, 6)
     exact = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), (X, y)).to_dense()
 
     def err(samples):
@@ -125,9 +130,7 @@ def test_mc_converges_to_type2():
 
 
 def test_damped_inverse_inverts_and_factored_damping_matches_its_formula():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    model, X, y = _classifier(3, 4, 2, 8)
     op = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), (X, y))
     K = op.to_dense()
     V = torch.randn(op.shape[0], 3, dtype=torch.float64)
@@ -149,9 +152,7 @@ def test_damped_inverse_inverts_and_factored_damping_matches_its_formula():
 
 
 def test_factors_follow_parameter_changes():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
-    X, y = torch.randn(5, 2, dtype=torch.float64), torch.randint(0, 2, (5,))
+    model, X, y = _classifier(2, 3, 2, 5)
     op = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), (X, y))
     before = op.to_dense()
     with torch.no_grad():
