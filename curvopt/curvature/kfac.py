@@ -31,6 +31,71 @@ APPROXIMATIONS = ("expand", "reduce")
 KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
+def layer_inputs(module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
+    """A layer's inputs as ``[N, T, d_in]`` (``T`` weight-sharing positions), with a 1 appended
+    for the bias; for convolutions the unfolded patches, matching ``weight.reshape(out, -1)``."""
+    if isinstance(module, nn.Linear):
+        a = x.reshape(x.shape[0], -1, x.shape[-1])
+    else:
+        if isinstance(module.padding, str):
+            raise ParameterError(f"kfac: {module} uses padding={module.padding!r}; give it as numbers")
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(2)
+            kernel, dil = (1, *module.kernel_size), (1, *module.dilation)
+            pad, stride = (0, *module.padding), (1, *module.stride)
+        else:
+            kernel, dil, pad, stride = module.kernel_size, module.dilation, module.padding, module.stride
+        a = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride).transpose(1, 2)
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a
+
+
+def layer_output_vectors(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """Vectors at a layer's output, ``[K, N, out, *spatial]`` (conv) or ``[K, N, *, out]``
+    (linear), as ``[K, N, T, out]``."""
+    K, n = g.shape[:2]
+    if isinstance(module, nn.Linear):
+        return g.reshape(K, n, -1, g.shape[-1])
+    return g.reshape(K, n, g.shape[2], -1).transpose(2, 3)
+
+
+def input_factor(a: torch.Tensor, approx: str) -> torch.Tensor:
+    """``A``: mean of ``a a^T`` over samples (and positions for ``expand``), ``a`` ``[N, T, d]``."""
+    if approx == "reduce":
+        a = a.mean(1, keepdim=True)
+    a = a.reshape(-1, a.shape[-1])
+    return a.T @ a / a.shape[0]
+
+
+def output_factor(g: torch.Tensor, approx: str) -> torch.Tensor:
+    """``sum g g^T`` over vectors, samples and positions (positions summed first for
+    ``reduce``), for ``g`` of shape ``[K, N, T, out]``."""
+    if approx == "reduce":
+        g = g.sum(2, keepdim=True)
+    g = g.reshape(-1, g.shape[-1])
+    return g.T @ g
+
+
+def kronecker_solve(
+    M: torch.Tensor,
+    eig_A: tuple[torch.Tensor, torch.Tensor],
+    eig_G: tuple[torch.Tensor, torch.Tensor],
+    damping: float,
+    factored: bool,
+) -> torch.Tensor:
+    """``(A ⊗ G + d I)^{-1}`` (or, ``factored``, ``(A + pi sqrt(d) I)^{-1} ⊗ (G + sqrt(d)/pi I)^{-1}``
+    with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, Martens & Grosse, 2015) applied to
+    matrices ``M`` ``[..., out, in]`` as ``G^-1 M A^-1``, given ``(eigenvalues, eigenvectors)``."""
+    (la, Qa), (lg, Qg) = eig_A, eig_G
+    if factored:
+        pi = ((la.mean() / lg.mean().clamp_min(1e-30)).clamp_min(1e-30)).sqrt()
+        denom = (lg + damping**0.5 / pi)[:, None] * (la + pi * damping**0.5)[None, :]
+    else:
+        denom = lg[:, None] * la[None, :] + damping
+    return Qg @ ((Qg.T @ M @ Qa) / denom) @ Qa.T
+
+
 @dataclass
 class KroneckerBlock:
     """One layer's factors. ``weight``/``bias`` index the operator's parameter list."""
@@ -157,19 +222,15 @@ class KFACOperator(CurvatureOperator):
         scale = self.spec.scale(detached) * weight
         result: TensorList = []
         for i, layer in enumerate(self.layers):
-            a, g = self._unfold(layer, captured[i][0]), grads[i]  # a: [N, T, d_in]; g: [K, N, T, out]
-            if g is None:
+            a = layer_inputs(layer.module, captured[i][0], layer.bias is not None)  # [N, T, d_in]
+            if grads[i] is None:  # the layer does not reach the output
                 g = torch.zeros(U.shape[0], n, a.shape[1], layer.module.weight.shape[0], dtype=out.dtype,
                                 device=out.device)
             else:
-                g = self._positions_last(layer, g)
-            if self.kfac_approx == "reduce":
-                a, g = a.mean(1, keepdim=True), g.sum(2, keepdim=True)
-            T = a.shape[1]
-            a = a.reshape(n * T, -1)
-            A = a.T @ a / (n * T) if self.reduction == "mean" else a.T @ a / T
-            g = g.reshape(g.shape[0] * n * T, -1)
-            result += [A, scale * (g.T @ g)]
+                g = layer_output_vectors(layer.module, grads[i])  # [K, N, T, out]
+            A = input_factor(a, self.kfac_approx)
+            # "sum": per-batch sums of a a^T, divided by the total count after the loop
+            result += [A if self.reduction == "mean" else A * n, scale * output_factor(g, self.kfac_approx)]
         result += self._diagonal_blocks(X, U, scale)
         count = torch.tensor(float(n), dtype=out.dtype, device=out.device)
         return loss, [*result, count if self.reduction == "sum" else count / n]
@@ -205,33 +266,6 @@ class KFACOperator(CurvatureOperator):
         g = torch.Generator(device=out.device)
         g.manual_seed(self.seed * 1_000_003 + index)
         return self.spec.sampled_gradients(out, self.mc_samples, g), 1.0 / self.mc_samples
-
-    @staticmethod
-    def _unfold(layer: KroneckerBlock, x: torch.Tensor) -> torch.Tensor:
-        """Layer inputs as ``[N, T, d_in]`` (``T`` shared positions), with a 1 for the bias."""
-        m = layer.module
-        if isinstance(m, nn.Linear):
-            a = x.reshape(x.shape[0], -1, x.shape[-1])
-        else:
-            if isinstance(m, nn.Conv1d):
-                x = x.unsqueeze(2)
-                kernel, dil, pad, stride = (1, *m.kernel_size), (1, *m.dilation), (0, *m.padding), (1, *m.stride)
-            else:
-                kernel, dil, pad, stride = m.kernel_size, m.dilation, m.padding, m.stride
-            if isinstance(pad, str):
-                raise ParameterError(f"kfac: layer {layer.module_name!r} uses padding={pad!r}; give it as numbers")
-            a = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride).transpose(1, 2)
-        if layer.bias is not None:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        return a
-
-    @staticmethod
-    def _positions_last(layer: KroneckerBlock, g: torch.Tensor) -> torch.Tensor:
-        """Backpropagated vectors ``[K, N, out, *spatial]`` or ``[K, N, *, out]`` as ``[K, N, T, out]``."""
-        K, n = g.shape[:2]
-        if isinstance(layer.module, nn.Linear):
-            return g.reshape(K, n, -1, g.shape[-1])
-        return g.reshape(K, n, g.shape[2], -1).transpose(2, 3)
 
     # ------------------------------------------------------------------ products
     def _matrices(self, layer: KroneckerBlock, V: TensorList) -> torch.Tensor:
@@ -272,16 +306,8 @@ class KFACOperator(CurvatureOperator):
         parts = self.unflatten(Vm.T)
         out: list = [None] * len(parts)
         for layer in self.factors():
-            M = self._matrices(layer, parts)
-            la, Qa = torch.linalg.eigh(layer.A)
-            lg, Qg = torch.linalg.eigh(layer.G)
-            if factored:
-                pi = ((layer.A.trace() / layer.A.shape[0]) / (layer.G.trace() / layer.G.shape[0]).clamp_min(1e-30)
-                      ).clamp_min(1e-30).sqrt()
-                denom = (lg + damping**0.5 / pi)[:, None] * (la + pi * damping**0.5)[None, :]
-            else:
-                denom = lg[:, None] * la[None, :] + damping
-            R = Qg @ ((Qg.T @ M @ Qa) / denom) @ Qa.T
+            R = kronecker_solve(self._matrices(layer, parts), torch.linalg.eigh(layer.A),
+                                torch.linalg.eigh(layer.G), damping, factored)
             self._scatter(layer, R, out)
         for i, d in self.diagonal.items():
             out[i] = parts[i] / (d + damping)
