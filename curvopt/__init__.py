@@ -24,11 +24,13 @@ from curvopt.curvature import (
     curvature,
     register_curvature,
 )
+from curvopt.optim import KFAC
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Block",
+    "KFAC",
     "CurvatureOperator",
     "available_curvatures",
     "curvature",

@@ -1,0 +1,223 @@
+"""The K-FAC optimizer (Martens & Grosse, 2015), usable in an unchanged training loop.
+
+``optimizer = curvopt.KFAC(model.parameters())``, then the usual
+``zero_grad(); loss.backward(); step()``. The optimizer finds the ``Linear``/``Conv1d``/
+``Conv2d`` layers that own its parameters by itself: one global module forward hook,
+filtered by parameter identity, records each such layer's input and puts a hook on its
+output's gradient. Kronecker factors are the empirical Fisher's (the gradients of the
+loss being minimized), computed with the same functions as the ``kfac`` curvature
+operator (:mod:`curvopt.curvature.kfac`).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+from torch.optim import Optimizer
+
+from curvopt.curvature.kfac import (
+    APPROXIMATIONS,
+    KRONECKER_LAYERS,
+    input_factor,
+    kronecker_solve,
+    layer_inputs,
+    layer_output_vectors,
+    output_factor,
+)
+
+
+class KFAC(Optimizer):
+    """K-FAC with Tikhonov (optionally factored) damping, KL clipping, momentum and weight decay.
+
+    Args:
+        params: Parameters or parameter groups (each hyperparameter may differ per group).
+        lr: Learning rate.
+        damping: Tikhonov damping ``lambda`` added to the curvature.
+        momentum: Momentum of the preconditioned update (SGD-style buffer).
+        weight_decay: L2 penalty added to the gradient before preconditioning.
+        factor_decay: Exponential moving average of the Kronecker factors.
+        factor_every: Update the factors every this many steps.
+        inverse_every: Recompute the factors' eigendecompositions every this many steps.
+        kl_clip: Scale the update so that ``lr^2 * sum(update . grad) <= kl_clip``
+            (Ba et al., 2017); ``0`` disables it.
+        factored_damping: Split ``lambda`` between the factors with the pi rule of
+            Martens & Grosse (2015) instead of adding it to the Kronecker product.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for convolutions (Eschenhagen et al., 2023).
+
+    Parameters outside Kronecker layers (norm layers, embeddings, ...) are updated with
+    their plain gradient (an identity block), and one warning names them at the first step.
+    A non-finite gradient or factor skips the step: parameters, factors and counters stay
+    as they were, and a warning says why.
+    """
+
+    def __init__(self, params, lr: float = 1e-2, damping: float = 1e-3, momentum: float = 0.9,
+                 weight_decay: float = 0.0, factor_decay: float = 0.95, factor_every: int = 1,
+                 inverse_every: int = 10, kl_clip: float = 1e-3, factored_damping: bool = True,
+                 kfac_approx: str = "expand") -> None:
+        checks = [(lr >= 0, f"lr must be >= 0, got {lr}"), (damping > 0, f"damping must be > 0, got {damping}"),
+                  (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
+                  (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
+                  (0 <= factor_decay < 1, f"factor_decay must be in [0, 1), got {factor_decay}"),
+                  (isinstance(factor_every, int) and factor_every >= 1, "factor_every must be an integer >= 1"),
+                  (isinstance(inverse_every, int) and inverse_every >= 1, "inverse_every must be an integer >= 1"),
+                  (kl_clip >= 0, f"kl_clip must be >= 0, got {kl_clip}"),
+                  (kfac_approx in APPROXIMATIONS,
+                   f"kfac_approx={kfac_approx!r}; valid: {', '.join(APPROXIMATIONS)}")]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        defaults = dict(lr=lr, damping=damping, momentum=momentum, weight_decay=weight_decay,
+                        factor_decay=factor_decay, factor_every=factor_every, inverse_every=inverse_every,
+                        kl_clip=kl_clip, factored_damping=factored_damping, kfac_approx=kfac_approx)
+        super().__init__(params, defaults)
+        self._layers: dict[int, nn.Module] = {}  # id(weight) -> layer owning it
+        self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
+        self._warned_identity = False
+        me = weakref.ref(self)
+
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            opt = me()
+            if opt is not None:
+                opt._record(module, inputs, output)
+
+        self._hook = register_module_forward_hook(hook)
+        weakref.finalize(self, self._hook.remove)
+
+    # ------------------------------------------------------------------ statistics
+    def _owned(self) -> dict[int, tuple[dict, torch.Tensor]]:
+        return {id(p): (g, p) for g in self.param_groups for p in g["params"]}
+
+    def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
+        if not isinstance(module, KRONECKER_LAYERS) or not torch.is_grad_enabled():
+            return
+        owned = self._owned()
+        key = id(module.weight)
+        if key not in owned or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        group, weight = owned[key]
+        if self.state[weight].get("step", 0) % group["factor_every"] != 0:
+            return
+        self._layers[key] = module
+        bias = module.bias is not None and id(module.bias) in owned
+        with torch.no_grad():
+            a = layer_inputs(module, inputs[0].detach(), bias)
+            A = input_factor(a, group["kfac_approx"])
+        stats = self._pending.setdefault(key, {"A": torch.zeros_like(A), "a_count": 0, "G": None, "g_count": 0})
+        n = a.shape[0]
+        stats["A"] += A * n
+        stats["a_count"] += n
+
+        def on_grad(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                # grad of a mean loss is (1/N) d l_n / d s: N sum g g^T is the empirical Fisher factor
+                g = layer_output_vectors(module, grad.detach().unsqueeze(0)) * n
+                G = output_factor(g, group["kfac_approx"]) / n
+            stats["G"] = G if stats["G"] is None else stats["G"] + G
+            stats["g_count"] += 1
+
+        output.register_hook(on_grad)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One K-FAC update; ``closure`` (optional) re-evaluates the loss with gradients."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+            warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
+                          stacklevel=2)
+            self._pending.clear()
+            return loss
+        new = self._new_factors()
+        if new is None:
+            return loss
+        for group in self.param_groups:
+            self._step_group(group, new)
+        self._pending.clear()
+        return loss
+
+    def _new_factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+        new = {}
+        for key, stats in self._pending.items():
+            if stats["G"] is None or stats["a_count"] == 0:
+                continue  # a forward without a backward through this layer
+            A, G = stats["A"] / stats["a_count"], stats["G"] / stats["g_count"]
+            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(G).all())):
+                warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
+                              stacklevel=3)
+                self._pending.clear()
+                return None
+            new[key] = (A, G)
+        return new
+
+    def _step_group(self, group: dict, new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
+        updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, update, grad)
+        done: set[int] = set()
+        identity: list[torch.Tensor] = []
+        for p in group["params"]:
+            if p.grad is None or id(p) in done:
+                continue
+            module = self._layers.get(id(p))
+            if module is None:
+                if not any(id(p) == id(m.bias) for m in self._layers.values() if m.bias is not None):
+                    identity.append(p)
+                continue
+            state = self.state[p]
+            if id(p) in new:
+                A, G = new[id(p)]
+                decay = group["factor_decay"]
+                first = "A" not in state
+                state["A"] = A.clone() if first else decay * state["A"] + (1 - decay) * A
+                state["G"] = G.clone() if first else decay * state["G"] + (1 - decay) * G
+            if "A" not in state:  # no statistics yet: plain gradient step for this layer
+                identity.append(p)
+                continue
+            step = state.get("step", 0)
+            if "eig_A" not in state or step % group["inverse_every"] == 0:
+                for name in ("A", "G"):
+                    lam, Q = torch.linalg.eigh(state[name])
+                    state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
+            bias = module.bias if module.bias is not None and module.bias.grad is not None else None
+            gw = p.grad + wd * p if wd else p.grad
+            M = gw.reshape(gw.shape[0], -1)
+            if bias is not None:
+                gb = bias.grad + wd * bias if wd else bias.grad
+                M = torch.cat([M, gb.reshape(-1, 1)], dim=1)
+            R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, group["factored_damping"])
+            d_w = p[0].numel()
+            updates.append((p, R[:, :d_w].reshape(p.shape), gw))
+            done.add(id(p))
+            if bias is not None:
+                updates.append((bias, R[:, d_w], gb))
+                done.add(id(bias))
+            state["step"] = step + 1
+        if identity and not self._warned_identity:
+            self._warned_identity = True
+            names = ", ".join(f"{tuple(p.shape)}" for p in identity)
+            warnings.warn(f"KFAC: parameters of shapes {names} are not in a Linear/Conv1d/Conv2d layer; they get "
+                          "an identity block (their plain gradient)", stacklevel=4)
+        for p in identity:
+            updates.append((p, p.grad + wd * p if wd else p.grad, p.grad))
+        if not updates:
+            return
+        scale = 1.0
+        if group["kl_clip"] > 0 and lr > 0:
+            vg = sum(float((u * g).sum()) for _, u, g in updates) * lr**2
+            if vg > 0:
+                scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
+        for p, u, _ in updates:
+            u = u * scale
+            if group["momentum"]:
+                buf = self.state[p].get("momentum_buffer")
+                u = u.clone() if buf is None else buf.mul_(group["momentum"]).add_(u)
+                self.state[p]["momentum_buffer"] = u
+            p.add_(u, alpha=-lr)

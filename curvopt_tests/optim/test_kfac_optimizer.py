@@ -1,0 +1,169 @@
+"""curvopt.KFAC: the torch.optim contract, robustness, and that it trains."""
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import curvopt
+from curvopt.data import mnist1d
+from curvopt.models import cnn1d, mlp
+
+
+def _batches(n_batches=4, seed=0):
+    d = mnist1d()
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(d.X_train.shape[0], generator=g)[: 64 * n_batches]
+    return list(zip(d.X_train[idx].split(64), d.y_train[idx].split(64)))
+
+
+def _train(model, opt, batches):
+    for X, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+
+
+def test_finds_layers_from_parameters_alone_and_moves_every_parameter():
+    torch.manual_seed(0)
+    model = mlp((40, 16, 10))
+    before = copy.deepcopy(model.state_dict())
+    opt = curvopt.KFAC(model.parameters())
+    _train(model, opt, _batches(2))
+    weights = [model[0].weight, model[2].weight]
+    for w in weights:
+        state = opt.state[w]
+        assert state["A"].shape[0] == w.shape[1] + 1 and state["G"].shape[0] == w.shape[0]
+        assert state["step"] == 2
+    assert all(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_kfac_trains_mnist1d_cnn_to_stated_accuracy():
+    d = mnist1d()
+    torch.manual_seed(0)
+    model = cnn1d()
+    opt = curvopt.KFAC(model.parameters(), lr=0.05, damping=1e-2)
+    for epoch in range(3):
+        _train(model, opt, list(d.loader(128, shuffle=True, seed=epoch)))
+    with torch.no_grad():
+        acc = (model(d.X_test).argmax(1) == d.y_test).float().mean().item()
+    assert acc >= 0.75  # measured 0.859 with this seed; Adam(lr=3e-3) reached 0.573 in the same 3 epochs
+
+
+def test_state_dict_round_trip_continues_bitwise():
+    torch.manual_seed(0)
+    model = cnn1d(channels=4)
+    opt = curvopt.KFAC(model.parameters(), inverse_every=3)
+    batches = _batches(6)
+    _train(model, opt, batches[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    resumed = cnn1d(channels=4)
+    resumed.load_state_dict(saved["model"])
+    ropt = curvopt.KFAC(resumed.parameters(), inverse_every=3)
+    ropt.load_state_dict(saved["opt"])
+    w = resumed[1].weight
+    assert ropt.state[w]["A"].dtype == opt.state[model[1].weight]["A"].dtype
+    _train(model, opt, batches[3:])
+    _train(resumed, ropt, batches[3:])
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_param_groups_and_lr_scheduler():
+    torch.manual_seed(0)
+    model = mlp((40, 16, 10))
+    frozen_by_lr = copy.deepcopy(model[0].state_dict())
+    opt = curvopt.KFAC([{"params": model[0].parameters(), "lr": 0.0},
+                        {"params": model[2].parameters(), "lr": 0.05, "damping": 0.1}])
+    assert opt.param_groups[1]["damping"] == 0.1 and opt.param_groups[0]["damping"] == opt.defaults["damping"]
+    _train(model, opt, _batches(2))
+    assert all(torch.equal(a, b) for a, b in zip(frozen_by_lr.values(), model[0].state_dict().values()))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.0)
+    sched.step()
+    assert opt.param_groups[1]["lr"] == 0.0
+    snapshot = copy.deepcopy(model.state_dict())
+    _train(model, opt, _batches(1, seed=1))
+    assert all(torch.equal(a, b) for a, b in zip(snapshot.values(), model.state_dict().values()))
+
+
+def test_none_gradients_are_skipped_and_frozen_parameters_untouched():
+    torch.manual_seed(0)
+    model = mlp((40, 16, 10))
+    model[0].weight.requires_grad_(False)
+    opt = curvopt.KFAC(model.parameters())
+    before = model[0].weight.clone()
+    _train(model, opt, _batches(2))
+    assert torch.equal(before, model[0].weight)
+    opt.zero_grad()
+    opt.step()  # no gradients at all: nothing to do, no error
+
+
+def test_non_finite_gradient_skips_the_step_and_warns():
+    torch.manual_seed(0)
+    model = mlp((40, 16, 10))
+    opt = curvopt.KFAC(model.parameters())
+    _train(model, opt, _batches(1))
+    params = copy.deepcopy(model.state_dict())
+    factors = {k: v.clone() for k, v in opt.state[model[0].weight].items() if isinstance(v, torch.Tensor)}
+    X, y = _batches(1, seed=2)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    model[2].bias.grad[0] = float("nan")
+    with pytest.warns(UserWarning, match="non-finite gradient; step skipped"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params.values(), model.state_dict().values()))
+    for k, v in factors.items():
+        assert torch.equal(v, opt.state[model[0].weight][k])
+
+
+def test_singular_factors_are_handled_by_damping():
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10))
+    opt = curvopt.KFAC(model.parameters(), damping=1e-4)
+    X = torch.zeros(32, 40)  # inputs span nothing: A is rank one (the bias column)
+    y = torch.zeros(32, dtype=torch.long)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_gradient_accumulation_averages_the_input_factor_over_all_samples():
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10))
+    opt = curvopt.KFAC(model.parameters())
+    X, y = _batches(1)[0]
+    opt.zero_grad()
+    for Xh, yh in zip(X.split([40, 24]), y.split([40, 24])):  # two backward calls, one step
+        (nn.functional.cross_entropy(model(Xh), yh) / 2).backward()
+    opt.step()
+    a = torch.cat([X, torch.ones(64, 1)], 1)
+    torch.testing.assert_close(opt.state[model[0].weight]["A"], a.T @ a / 64)
+
+
+def test_identity_block_for_other_layers_warns_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 8), nn.LayerNorm(8), nn.Linear(8, 10))
+    opt = curvopt.KFAC(model.parameters())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _train(model, opt, _batches(2))
+    messages = [str(w.message) for w in rec if "identity block" in str(w.message)]
+    assert len(messages) == 1 and "(8,)" in messages[0]
+
+
+def test_bad_hyperparameters():
+    p = [nn.Parameter(torch.zeros(2))]
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        curvopt.KFAC(p, damping=0)
+    with pytest.raises(ValueError, match="valid: expand, reduce"):
+        curvopt.KFAC(p, kfac_approx="mean")
+    with pytest.raises(ValueError, match="inverse_every"):
+        curvopt.KFAC(p, inverse_every=0)
