@@ -48,6 +48,13 @@ class KFAC(Optimizer):
         factored_damping: Split ``lambda`` between the factors with the pi rule of
             Martens & Grosse (2015) instead of adding it to the Kronecker product.
         kfac_approx: ``"expand"`` or ``"reduce"`` for convolutions (Eschenhagen et al., 2023).
+        grad_scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop, whose scale the
+            recorded output gradients carry; ``G`` is unscaled with it. (Call
+            ``scaler.step(optimizer)`` as usual; a skipped step leaves everything unchanged.)
+
+    Statistics recorded by forward and backward passes belong to the gradients they came
+    with: they accumulate over several backward calls (gradient accumulation) and are
+    dropped by ``zero_grad()`` and by a skipped step.
 
     Parameters outside Kronecker layers (norm layers, embeddings, ...) are updated with
     their plain gradient (an identity block), and one warning names them at the first step.
@@ -58,7 +65,7 @@ class KFAC(Optimizer):
     def __init__(self, params, lr: float = 1e-2, damping: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, factor_decay: float = 0.95, factor_every: int = 1,
                  inverse_every: int = 10, kl_clip: float = 1e-3, factored_damping: bool = True,
-                 kfac_approx: str = "expand") -> None:
+                 kfac_approx: str = "expand", grad_scaler: Any = None) -> None:
         checks = [(lr >= 0, f"lr must be >= 0, got {lr}"), (damping > 0, f"damping must be > 0, got {damping}"),
                   (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
                   (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
@@ -78,6 +85,7 @@ class KFAC(Optimizer):
         self._layers: dict[int, nn.Module] = {}  # id(weight) -> layer owning it
         self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
         self._warned_identity = False
+        self.grad_scaler = grad_scaler
         me = weakref.ref(self)
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -122,6 +130,11 @@ class KFAC(Optimizer):
 
         output.register_hook(on_grad)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients and the curvature statistics recorded with them."""
+        self._pending.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure=None):
@@ -150,6 +163,8 @@ class KFAC(Optimizer):
             if stats["G"] is None or stats["a_count"] == 0:
                 continue  # a forward without a backward through this layer
             A, G = stats["A"] / stats["a_count"], stats["G"] / stats["g_count"]
+            if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+                G = G / float(self.grad_scaler.get_scale()) ** 2
             if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(G).all())):
                 warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
                               stacklevel=3)

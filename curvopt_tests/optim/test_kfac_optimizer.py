@@ -167,3 +167,37 @@ def test_bad_hyperparameters():
         curvopt.KFAC(p, kfac_approx="mean")
     with pytest.raises(ValueError, match="inverse_every"):
         curvopt.KFAC(p, inverse_every=0)
+
+
+def test_grad_scaler_factors_equal_unscaled_ones():
+    """With a GradScaler the recorded gradients carry the scale; the factors must not."""
+    batches = _batches(2)
+    torch.manual_seed(0)
+    plain = mlp((40, 8, 10))
+    scaled = copy.deepcopy(plain)
+    opt_plain = curvopt.KFAC(plain.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    opt_scaled = curvopt.KFAC(scaled.parameters(), grad_scaler=scaler)
+    _train(plain, opt_plain, batches)
+    for X, y in batches:
+        opt_scaled.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(scaled(X), y)).backward()
+        scaler.step(opt_scaled)
+        scaler.update()
+    for p, q in [(plain[0].weight, scaled[0].weight), (plain[2].weight, scaled[2].weight)]:
+        torch.testing.assert_close(opt_scaled.state[q]["G"], opt_plain.state[p]["G"], rtol=1e-4, atol=1e-8)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_zero_grad_drops_statistics_of_a_step_that_was_not_taken():
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10))
+    opt = curvopt.KFAC(model.parameters())
+    (X1, y1), (X2, y2) = _batches(2)
+    nn.functional.cross_entropy(model(X1 * 100), y1).backward()  # a step that is then abandoned
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X2), y2).backward()
+    opt.step()
+    a = torch.cat([X2, torch.ones(64, 1)], 1)
+    torch.testing.assert_close(opt.state[model[0].weight]["A"], a.T @ a / 64)
