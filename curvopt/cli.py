@@ -1,15 +1,19 @@
-"""Command line: ``curvopt analyze [--config FILE.toml]``.
+"""Command line: ``curvopt analyze [--config FILE.toml]`` and ``curvopt train [--config FILE.toml]``.
 
 With no config, ``analyze`` trains a small CNN on the embedded mnist1d data for a few
 epochs, then prints the top Hessian eigenvalues, the trace with its standard error and
 the per-layer sensitivity table, and writes the spectral density and loss-landscape
-plots. Bad configuration ends with a one-line error and exit status 2.
+plots. ``train`` trains with the optimizer named in the config and writes per-epoch
+metrics to CSV and the weights to ``model.pt``. Bad configuration ends with a one-line
+error and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import inspect
 import json
 import sys
 import time
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 from curvopt.errors import CurvoptError
+from curvopt.optim import KFAC
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"arch": "cnn1d", "checkpoint": "", "train_epochs": 10, "lr": 3e-3, "seed": 0},
@@ -41,18 +46,26 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "output": {"dir": "runs/analyze", "plots": True, "progress": True},
 }
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"arch": "cnn1d", "seed": 0},
+    "data": {"dataset": "mnist1d", "batch_size": 128},
+    "optimizer": {"name": "kfac", "lr": 0.05, "options": {}},
+    "train": {"epochs": 10},
+    "output": {"dir": "runs/train", "progress": True},
+}
 ARCHS = ("cnn1d", "mlp")
 DATASETS = ("mnist1d", "digits")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
+OPTIMIZERS = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 class ConfigError(CurvoptError, ValueError):
     """A configuration the CLI cannot run."""
 
 
-def load_config(path: str | None) -> dict[str, dict[str, Any]]:
-    """The defaults, overridden by the TOML file at ``path``; unknown keys are errors."""
-    config = copy.deepcopy(DEFAULTS)
+def load_config(path: str | None, defaults: dict[str, dict[str, Any]] = DEFAULTS) -> dict[str, dict[str, Any]]:
+    """``defaults``, overridden by the TOML file at ``path``; unknown keys are errors."""
+    config = copy.deepcopy(defaults)
     if path is None:
         return config
     p = Path(path)
@@ -72,7 +85,7 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
                 raise ConfigError(
                     f"unknown key '{key}' in [{section}] of {path}; valid: {', '.join(config[section])}"
                 )
-            expected = type(DEFAULTS[section][key])
+            expected = type(defaults[section][key])
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
@@ -85,15 +98,13 @@ def load_config(path: str | None) -> dict[str, dict[str, Any]]:
 
 
 def _check_choices(config: dict[str, dict[str, Any]]) -> None:
-    for section, key, valid in [("model", "arch", ARCHS), ("data", "dataset", DATASETS),
-                                ("loss", "name", tuple(LOSSES))]:
-        if config[section][key] not in valid:
-            raise ConfigError(f"[{section}] {key} = {config[section][key]!r}; valid: {', '.join(valid)}")
     from curvopt.curvature import available_curvatures
 
-    backend = config["curvature"]["backend"]
-    if backend not in available_curvatures():
-        raise ConfigError(f"[curvature] backend = {backend!r}; valid: {', '.join(available_curvatures())}")
+    choices = [("model", "arch", ARCHS), ("data", "dataset", DATASETS), ("loss", "name", tuple(LOSSES)),
+               ("curvature", "backend", tuple(available_curvatures())), ("optimizer", "name", tuple(OPTIMIZERS))]
+    for section, key, valid in choices:
+        if section in config and config[section][key] not in valid:
+            raise ConfigError(f"[{section}] {key} = {config[section][key]!r}; valid: {', '.join(valid)}")
 
 
 def _dataset(config):
@@ -111,9 +122,12 @@ def _model(config, features: int, classes: int) -> nn.Module:
     return mlp((features, 128, 128, classes))
 
 
-def _accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: Any = None) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on ``(X, y)`` without gradients."""
     with torch.no_grad():
-        return float((model(X).argmax(1) == y).float().mean())
+        out = model(X)
+        loss = float((loss_fn or nn.CrossEntropyLoss())(out, y))
+        return loss, float((out.argmax(1) == y).float().mean())
 
 
 def _train(model, data, loss_fn, config, progress: bool) -> None:
@@ -160,8 +174,8 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
                        data.y_train[:n].split(config["data"]["batch_size"])))
     print(f"model: {config['model']['arch']} ({sum(p.numel() for p in model.parameters())} parameters), "
           f"{'loaded' if ckpt else 'trained'} in {time.perf_counter() - t0:.1f}s; "
-          f"train acc {_accuracy(model, data.X_train, data.y_train):.3f}, "
-          f"test acc {_accuracy(model, data.X_test, data.y_test):.3f}")
+          f"train acc {_evaluate(model, data.X_train, data.y_train)[1]:.3f}, "
+          f"test acc {_evaluate(model, data.X_test, data.y_test)[1]:.3f}")
     backend = config["curvature"]["backend"]
     options = dict(config["curvature"]["options"])
     options.setdefault("cache", True)
@@ -207,16 +221,80 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
     return result
 
 
+def _optimizer(config: dict[str, dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
+    name, lr = config["optimizer"]["name"], config["optimizer"]["lr"]
+    options = dict(config["optimizer"]["options"])
+    factory = OPTIMIZERS[name]
+    valid = [p for p in inspect.signature(factory.__init__).parameters if p not in ("self", "params", "lr")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"[optimizer] options for {name!r} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(valid)}")
+    try:
+        return factory(model.parameters(), lr=lr, **options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"[optimizer] {name}: {e}") from e
+
+
+def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[dict[str, float]]:
+    """Train with the configured optimizer; print and write per-epoch metrics, save the weights."""
+    from tqdm.auto import tqdm
+
+    progress = bool(config["output"]["progress"])
+    out = Path(out or config["output"]["dir"])
+    data = _dataset(config)
+    model = _model(config, data.X_train.shape[1], data.num_classes)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = _optimizer(config, model)
+    out.mkdir(parents=True, exist_ok=True)
+    fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
+    rows: list[dict[str, float]] = []
+    print(f"training {config['model']['arch']} on {config['data']['dataset']} with {config['optimizer']['name']} "
+          f"(lr {config['optimizer']['lr']}, batch {config['data']['batch_size']})")
+    print("  ".join(f"{f:>10}" for f in fields))
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        elapsed = 0.0
+        for epoch in range(1, config["train"]["epochs"] + 1):
+            model.train()
+            loader = data.loader(config["data"]["batch_size"], shuffle=True, seed=config["model"]["seed"] + epoch)
+            start = time.perf_counter()
+            for X, y in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
+                optimizer.zero_grad()
+                loss_fn(model(X), y).backward()
+                optimizer.step()
+            elapsed += time.perf_counter() - start
+            model.eval()
+            train_loss, train_acc = _evaluate(model, data.X_train, data.y_train, loss_fn)
+            test_loss, test_acc = _evaluate(model, data.X_test, data.y_test, loss_fn)
+            row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
+                       test_acc=test_acc, seconds=elapsed)
+            writer.writerow(row)
+            handle.flush()
+            rows.append(row)
+            print("  ".join(f"{row[f]:>10.4g}" for f in fields))
+    torch.save(model.state_dict(), out / "model.pt")
+    print(f"metrics: {out / 'metrics.csv'}; weights: {out / 'model.pt'}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="curvopt", description="curvature analysis and second-order training")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("analyze", help="spectrum, trace and per-layer sensitivity of a trained network")
     p.add_argument("--config", help="TOML file (model/checkpoint, data, loss, curvature backend, budgets)")
     p.add_argument("--out", help="output folder (default: [output] dir)")
+    t = sub.add_parser("train", help="train with an optimizer chosen by name (kfac, adam, sgd)")
+    t.add_argument("--config", help="TOML file (model, data, optimizer and its options, epochs)")
+    t.add_argument("--out", help="output folder (default: [output] dir)")
     args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else None
     try:
-        config = load_config(args.config)
-        analyze(config, Path(args.out) if args.out else None)
+        if args.command == "train":
+            train(load_config(args.config, TRAIN_DEFAULTS), out)
+        else:
+            analyze(load_config(args.config), out)
     except (CurvoptError, OSError) as e:
         print(f"curvopt: error: {e}", file=sys.stderr)
         return 2
