@@ -29,6 +29,7 @@ from curvopt.curvature.kfac import (
     layer_output_vectors,
     output_factor,
 )
+from curvopt.curvature.losses import loss_spec
 
 
 class KFAC(Optimizer):
@@ -51,6 +52,10 @@ class KFAC(Optimizer):
         grad_scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop, whose scale the
             recorded output gradients carry; ``G`` is unscaled with it. (Call
             ``scaler.step(optimizer)`` as usual; a skipped step leaves everything unchanged.)
+
+    The factors are the empirical Fisher's by default. For the true Fisher, add one line
+    before ``loss.backward()``: ``optimizer.mc_backward(outputs, loss_fn)``
+    (:meth:`mc_backward`), which draws labels from the model's predictions.
 
     Statistics recorded by forward and backward passes belong to the gradients they came
     with: they accumulate over several backward calls (gradient accumulation) and are
@@ -85,6 +90,7 @@ class KFAC(Optimizer):
         self._layers: dict[int, nn.Module] = {}  # id(weight) -> layer owning it
         self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
         self._warned_identity = False
+        self._mc = {"step": False}  # mc_backward was called for this step
         self.grad_scaler = grad_scaler
         me = weakref.ref(self)
 
@@ -115,25 +121,69 @@ class KFAC(Optimizer):
         with torch.no_grad():
             a = layer_inputs(module, inputs[0].detach(), bias)
             A = input_factor(a, group["kfac_approx"])
-        stats = self._pending.setdefault(key, {"A": torch.zeros_like(A), "a_count": 0, "G": None, "g_count": 0})
+        stats = self._pending.setdefault(key, {"A": torch.zeros_like(A), "a_count": 0, "G": None, "g_count": 0,
+                                               "outputs": []})
         n = a.shape[0]
         stats["A"] += A * n
         stats["a_count"] += n
+        stats["outputs"].append((output, module, group, n))
 
         def on_grad(grad: torch.Tensor) -> None:
-            with torch.no_grad():
-                # grad of a mean loss is (1/N) d l_n / d s: N sum g g^T is the empirical Fisher factor
-                g = layer_output_vectors(module, grad.detach().unsqueeze(0)) * n
-                G = output_factor(g, group["kfac_approx"]) / n
-            stats["G"] = G if stats["G"] is None else stats["G"] + G
-            stats["g_count"] += 1
+            if self._mc["step"]:
+                return  # this step's G comes from mc_backward's sampled labels
+            self._add_G(stats, module, group, grad.detach().unsqueeze(0), n)
 
         output.register_hook(on_grad)
 
+    @staticmethod
+    @torch.no_grad()
+    def _add_G(stats: dict, module: nn.Module, group: dict, grads: torch.Tensor, n: int) -> None:
+        """Add ``N sum g g^T`` for gradients ``[S, N, ...]`` of a mean loss w.r.t. a layer output
+        (``(1/N) d l_n / d s``), averaged over the ``S`` draws: the Fisher's output factor."""
+        g = layer_output_vectors(module, grads) * n
+        G = output_factor(g, group["kfac_approx"]) / n
+        stats["G"] = G if stats["G"] is None else stats["G"] + G
+        stats["g_count"] += grads.shape[0]
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients and the curvature statistics recorded with them."""
-        self._pending.clear()
+        self._clear()
         super().zero_grad(set_to_none=set_to_none)
+
+    def _clear(self) -> None:
+        self._pending.clear()
+        self._mc["step"] = False
+
+    def mc_backward(self, outputs: torch.Tensor, loss_fn: Any, samples: int = 1,
+                    generator: torch.Generator | None = None) -> None:
+        """Record this step's ``G`` from labels sampled from the model (the true Fisher).
+
+        Call it between the forward pass and ``loss.backward()``::
+
+            outputs = model(X)
+            optimizer.mc_backward(outputs, loss_fn)   # the one extra line
+            loss_fn(outputs, y).backward()
+
+        Labels are drawn from the predictive distribution that ``loss_fn`` implies
+        (categorical for ``CrossEntropyLoss``, Bernoulli for ``BCEWithLogitsLoss``,
+        Gaussian for ``MSELoss``), ``samples`` times; their loss gradients are
+        backpropagated to the recorded layer outputs only, so parameter gradients are
+        untouched.
+        """
+        spec = loss_spec(loss_fn, "KFAC.mc_backward")
+        records = [(stats, *rec) for stats in self._pending.values() for rec in stats["outputs"]]
+        if not records:
+            raise RuntimeError("mc_backward needs a forward pass through the optimizer's layers with "
+                               "gradients enabled since the last zero_grad()/step()")
+        with torch.no_grad():
+            U = spec.sampled_gradients(outputs.detach(), samples, generator) * spec.scale(outputs.detach())
+        self._mc["step"] = True  # the output hooks stand aside for this step
+        # all draws in one batched backward, to the recorded layer outputs only
+        grads = torch.autograd.grad(outputs, [r[1] for r in records], U, retain_graph=True, allow_unused=True,
+                                    is_grads_batched=True)
+        for (stats, _, module, group, n), g in zip(records, grads):
+            if g is not None:
+                self._add_G(stats, module, group, g, n)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -147,14 +197,14 @@ class KFAC(Optimizer):
         if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
             warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
                           stacklevel=2)
-            self._pending.clear()
+            self._clear()
             return loss
         new = self._new_factors()
         if new is None:
             return loss
         for group in self.param_groups:
             self._step_group(group, new)
-        self._pending.clear()
+        self._clear()
         return loss
 
     def _new_factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
@@ -168,7 +218,7 @@ class KFAC(Optimizer):
             if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(G).all())):
                 warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
                               stacklevel=3)
-                self._pending.clear()
+                self._clear()
                 return None
             new[key] = (A, G)
         return new

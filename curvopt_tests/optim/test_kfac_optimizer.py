@@ -201,3 +201,35 @@ def test_zero_grad_drops_statistics_of_a_step_that_was_not_taken():
     opt.step()
     a = torch.cat([X2, torch.ones(64, 1)], 1)
     torch.testing.assert_close(opt.state[model[0].weight]["A"], a.T @ a / 64)
+
+
+@pytest.mark.parametrize("loss_fn", [nn.CrossEntropyLoss(), nn.MSELoss(), nn.BCEWithLogitsLoss()])
+def test_mc_backward_is_one_line_and_converges_to_the_type2_factors(loss_fn):
+    """With many label draws, the optimizer's first-step G equals the kfac operator's type-2 G."""
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10)).double()
+    X, y = _batches(1)[0]
+    X = X.double()
+    if not isinstance(loss_fn, nn.CrossEntropyLoss):
+        y = torch.rand(64, 10, dtype=torch.float64)
+    reference = [layer.G.clone() for layer in curvopt.curvature("kfac", model, loss_fn, (X, y)).factors()]
+    opt = curvopt.KFAC(model.parameters())  # the reference is taken before the step moves the weights
+    opt.zero_grad()
+    outputs = model(X)
+    opt.mc_backward(outputs, loss_fn, samples=4000, generator=torch.Generator().manual_seed(0))
+    assert all(p.grad is None for p in model.parameters())  # parameter gradients untouched
+    loss_fn(outputs, y).backward()
+    opt.step()
+    # The optimizer scales G as N * sum (dL/ds)(dL/ds)^T of the mean batch loss, the operator
+    # as the loss (c * sum, c = 1/N for cross entropy, 1/(N*C) for MSE and BCE): they differ
+    # by the factor C = 10 outputs for MSE and BCE, 1 for cross entropy.
+    ratio = 1.0 if isinstance(loss_fn, nn.CrossEntropyLoss) else 10.0
+    for G_ref, w in zip(reference, [model[0].weight, model[2].weight]):
+        G_opt = opt.state[w]["G"] * ratio
+        assert float(torch.linalg.norm(G_opt - G_ref) / torch.linalg.norm(G_ref)) < 0.05  # MC error ~1/sqrt(4000)
+
+
+def test_mc_backward_without_a_forward_is_an_error():
+    opt = curvopt.KFAC(mlp((40, 8, 10)).parameters())
+    with pytest.raises(RuntimeError, match="needs a forward pass"):
+        opt.mc_backward(torch.zeros(2, 10), nn.CrossEntropyLoss())
