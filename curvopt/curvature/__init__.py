@@ -1,5 +1,6 @@
 """Curvature operators: the only part of curvopt that differentiates twice."""
 
+from curvopt.curvature.backpack import BackpackDiagGGN, BackpackDiagHessian, BackpackKFAC, BackpackKFLR
 from curvopt.curvature.base import CurvatureOperator
 from curvopt.curvature.block_diagonal import BlockDiagonalOperator
 from curvopt.curvature.empirical_fisher import EmpiricalFisherOperator
@@ -16,6 +17,10 @@ from curvopt.curvature.registry import (
 )
 
 __all__ = [
+    "BackpackDiagGGN",
+    "BackpackDiagHessian",
+    "BackpackKFAC",
+    "BackpackKFLR",
     "Block",
     "BlockDiagonalOperator",
     "CurvatureOperator",
