@@ -70,7 +70,7 @@ def test_analyze_loads_a_checkpoint_with_weights_only(tmp_path, capsys):
 @pytest.mark.parametrize("text,message", [
     ("[model]\narhc = 'mlp'\n", "unknown key 'arhc' in [model]"),
     ("[modle]\n", "unknown section [modle]"),
-    ("[curvature]\nbackend = 'hesian'\n", "backend = 'hesian'; valid: block_diagonal"),
+    ("[curvature]\nbackend = 'hesian'\n", "backend = 'hesian'; valid: backpack_diag_ggn"),
     ("[model]\narch = 'resnet'\n", "arch = 'resnet'; valid: cnn1d, mlp"),
     ("[data]\nsamples = 'many'\n", "samples = 'many' should be a int"),
     ("[model]\ncheckpoint = 'missing.pt'\n", "checkpoint not found: missing.pt"),
