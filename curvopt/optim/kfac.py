@@ -145,6 +145,11 @@ class KFAC(Optimizer):
         stats["G"] = G if stats["G"] is None else stats["G"] + G
         stats["g_count"] += grads.shape[0]
 
+    def close(self) -> None:
+        """Remove the module hook now (it is also removed when the optimizer is collected)."""
+        self._hook.remove()
+        self._clear()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients and the curvature statistics recorded with them."""
         self._clear()

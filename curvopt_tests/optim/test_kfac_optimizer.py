@@ -233,3 +233,13 @@ def test_mc_backward_without_a_forward_is_an_error():
     opt = curvopt.KFAC(mlp((40, 8, 10)).parameters())
     with pytest.raises(RuntimeError, match="needs a forward pass"):
         opt.mc_backward(torch.zeros(2, 10), nn.CrossEntropyLoss())
+
+
+def test_close_removes_the_hook():
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10))
+    opt = curvopt.KFAC(model.parameters())
+    opt.close()
+    X, y = _batches(1)[0]
+    nn.functional.cross_entropy(model(X), y).backward()
+    assert not opt._pending  # a closed optimizer records nothing
