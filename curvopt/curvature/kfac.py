@@ -77,6 +77,19 @@ def output_factor(g: torch.Tensor, approx: str) -> torch.Tensor:
     return g.T @ g
 
 
+def factored_inverses(
+    eig_A: tuple[torch.Tensor, torch.Tensor], eig_G: tuple[torch.Tensor, torch.Tensor], damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A + pi sqrt(d) I)^{-1}`` and ``(G + sqrt(d)/pi I)^{-1}`` from ``(eigenvalues, eigenvectors)``
+    of ``A`` and ``G``, with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``: the factored Tikhonov
+    damping of Martens & Grosse (2015, section 6.3)."""
+    (la, Qa), (lg, Qg) = eig_A, eig_G
+    pi = ((la.mean() / lg.mean().clamp_min(1e-30)).clamp_min(1e-30)).sqrt()
+    A_inv = (Qa / (la + pi * damping**0.5)) @ Qa.T
+    G_inv = (Qg / (lg + damping**0.5 / pi)) @ Qg.T
+    return A_inv, G_inv
+
+
 def kronecker_solve(
     M: torch.Tensor,
     eig_A: tuple[torch.Tensor, torch.Tensor],
@@ -84,15 +97,13 @@ def kronecker_solve(
     damping: float,
     factored: bool,
 ) -> torch.Tensor:
-    """``(A ⊗ G + d I)^{-1}`` (or, ``factored``, ``(A + pi sqrt(d) I)^{-1} ⊗ (G + sqrt(d)/pi I)^{-1}``
-    with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``, Martens & Grosse, 2015) applied to
+    """``(A ⊗ G + d I)^{-1}`` (or, ``factored``, the :func:`factored_inverses` product) applied to
     matrices ``M`` ``[..., out, in]`` as ``G^-1 M A^-1``, given ``(eigenvalues, eigenvectors)``."""
-    (la, Qa), (lg, Qg) = eig_A, eig_G
     if factored:
-        pi = ((la.mean() / lg.mean().clamp_min(1e-30)).clamp_min(1e-30)).sqrt()
-        denom = (lg + damping**0.5 / pi)[:, None] * (la + pi * damping**0.5)[None, :]
-    else:
-        denom = lg[:, None] * la[None, :] + damping
+        A_inv, G_inv = factored_inverses(eig_A, eig_G, damping)
+        return G_inv @ M @ A_inv
+    (la, Qa), (lg, Qg) = eig_A, eig_G
+    denom = lg[:, None] * la[None, :] + damping
     return Qg @ ((Qg.T @ M @ Qa) / denom) @ Qa.T
 
 

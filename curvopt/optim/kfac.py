@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from curvopt.curvature.kfac import (
     APPROXIMATIONS,
     KRONECKER_LAYERS,
+    factored_inverses,
     input_factor,
     kronecker_solve,
     layer_inputs,
@@ -104,7 +105,12 @@ class KFAC(Optimizer):
 
     # ------------------------------------------------------------------ statistics
     def _owned(self) -> dict[int, tuple[dict, torch.Tensor]]:
-        return {id(p): (g, p) for g in self.param_groups for p in g["params"]}
+        # rebuilt only when the groups change: the hook runs on every module's forward
+        signature = tuple((id(g), len(g["params"])) for g in self.param_groups)
+        if getattr(self, "_owned_signature", None) != signature:
+            self._owned_map = {id(p): (g, p) for g in self.param_groups for p in g["params"]}
+            self._owned_signature = signature
+        return self._owned_map
 
     def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if not isinstance(module, KRONECKER_LAYERS) or not torch.is_grad_enabled():
@@ -199,7 +205,7 @@ class KFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+        if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):  # one sync
             warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
                           stacklevel=2)
             self._clear()
@@ -256,13 +262,21 @@ class KFAC(Optimizer):
                 for name in ("A", "G"):
                     lam, Q = torch.linalg.eigh(state[name])
                     state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
+                state.pop("inv_damping", None)
+            if group["factored_damping"] and state.get("inv_damping") != damping:
+                # explicit damped inverses: two matmuls per step instead of four
+                state["inv_A"], state["inv_G"] = factored_inverses(state["eig_A"], state["eig_G"], damping)
+                state["inv_damping"] = damping
             bias = module.bias if module.bias is not None and module.bias.grad is not None else None
             gw = p.grad + wd * p if wd else p.grad
             M = gw.reshape(gw.shape[0], -1)
             if bias is not None:
                 gb = bias.grad + wd * bias if wd else bias.grad
                 M = torch.cat([M, gb.reshape(-1, 1)], dim=1)
-            R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, group["factored_damping"])
+            if group["factored_damping"]:
+                R = state["inv_G"] @ M @ state["inv_A"]
+            else:
+                R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, False)
             d_w = p[0].numel()
             updates.append((p, R[:, :d_w].reshape(p.shape), gw))
             done.add(id(p))
@@ -281,7 +295,7 @@ class KFAC(Optimizer):
             return
         scale = 1.0
         if group["kl_clip"] > 0 and lr > 0:
-            vg = sum(float((u * g).sum()) for _, u, g in updates) * lr**2
+            vg = float(torch.stack([(u * g).sum() for _, u, g in updates]).sum()) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
         for p, u, _ in updates:
