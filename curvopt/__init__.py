@@ -24,13 +24,17 @@ from curvopt.curvature import (
     curvature,
     register_curvature,
 )
-from curvopt.optim import KFAC
+from curvopt.optim import ARC, KFAC, NewtonMR, TrustRegion, batch_closure
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARC",
     "Block",
     "KFAC",
+    "NewtonMR",
+    "TrustRegion",
+    "batch_closure",
     "CurvatureOperator",
     "available_curvatures",
     "curvature",

@@ -3,19 +3,29 @@
 The only place in curvopt that runs iterative numerical algorithms.
 """
 
+from curvopt.linalg.cg import cg, steihaug_cg
+from curvopt.linalg.cubic import cubic_subproblem
 from curvopt.linalg.density import slq_nodes, spectral_density_from_nodes
 from curvopt.linalg.lanczos import LanczosResult, lanczos, lanczos_tridiagonal
+from curvopt.linalg.minres import minres
 from curvopt.linalg.power import power_iteration
+from curvopt.linalg.solve_result import STOP_REASONS, SolveResult
 from curvopt.linalg.trace import TraceEstimate, diagonal_estimate, trace_estimate
 
 __all__ = [
+    "STOP_REASONS",
     "LanczosResult",
+    "SolveResult",
+    "cg",
+    "cubic_subproblem",
     "TraceEstimate",
     "diagonal_estimate",
     "lanczos",
     "lanczos_tridiagonal",
+    "minres",
     "power_iteration",
     "slq_nodes",
     "spectral_density_from_nodes",
+    "steihaug_cg",
     "trace_estimate",
 ]

@@ -34,6 +34,23 @@ def matmat(A: SymmetricOperator, V: torch.Tensor) -> torch.Tensor:
     return A @ V.to(dtype=A.dtype, device=A.device)
 
 
+def matvec(A: SymmetricOperator, v: torch.Tensor) -> torch.Tensor:
+    """``A @ v`` for one vector ``v`` ``[P]`` (the single-product path of an operator)."""
+    return A @ v.to(dtype=A.dtype, device=A.device)
+
+
+class Shifted:
+    """``A + shift * I`` as an operator (Tikhonov damping of a curvature operator)."""
+
+    def __init__(self, A: SymmetricOperator, shift: float) -> None:
+        self.A, self.shift = A, float(shift)
+        self.shape, self.dtype, self.device = A.shape, A.dtype, A.device
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.A @ V
+        return out + self.shift * V if self.shift else out
+
+
 def rademacher(P: int, k: int, A: SymmetricOperator, generator: torch.Generator | None) -> torch.Tensor:
     """``[P, k]`` random signs, drawn on the CPU from ``generator`` (reproducible on any device)."""
     signs = torch.randint(0, 2, (P, k), generator=generator, dtype=torch.int8)

@@ -1,0 +1,246 @@
+"""The level-playing-field race: K-FAC against Adam and SGD with momentum on mnist1d.
+
+Each optimizer gets the same tuning budget: ``--configs`` hyperparameter configurations
+(a log grid over its learning rate; for K-FAC learning rate x damping), the same model
+initialization, the same batch order and the same number of epochs. A configuration is
+chosen on a validation split carved from the training set (fewest epochs to the higher
+target, then the highest final validation accuracy); the table reports its *test* figures:
+
+(a) per model (MLP 40-256-256-10, Conv1d CNN) and optimizer: epochs and training seconds
+    to 90% and 95% test accuracy (evaluated every quarter epoch; evaluation time is not
+    counted), and the final test accuracy;
+(b) the amortized K-FAC step cost as a multiple of an Adam step, measured side by side
+    (interleaved repetitions, best of each) with K-FAC's default race schedule
+    (factors every ``--factor-every`` steps, inverses every ``--inverse-every``);
+(c) iterations to 90% test accuracy on the CNN as the batch size grows from 128 to 4096,
+    each optimizer's learning rate re-tuned per batch size over three values around its
+    race choice (scaled by sqrt(batch / 128)).
+
+mnist1d is generated offline with ``--samples`` samples (default 20000: 16000 train,
+4000 test), so large batches still see many distinct samples.
+Usage: ``python benchmarks/race.py [--quick] [--configs 6] [--epochs 12]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import curvopt
+from curvopt.data import Dataset, mnist1d
+from curvopt.models import cnn1d, mlp
+
+MODELS = {"MLP 40-256-256-10": mlp, "CNN Conv1d": cnn1d}
+
+
+@dataclass
+class Run:
+    """One training run: accuracy checkpoints and the cost to reach each target."""
+
+    hp: dict
+    checkpoints: list = field(default_factory=list)  # (epoch, step, seconds, val acc, test acc)
+    seconds: float = 0.0
+    steps: int = 0
+    diverged: bool = False
+
+    def first(self, target: float, column: int) -> tuple | None:
+        for c in self.checkpoints:
+            if c[column] >= target:
+                return c
+        return None
+
+    @property
+    def final_val(self) -> float:
+        return self.checkpoints[-1][3] if self.checkpoints else 0.0
+
+    @property
+    def final_test(self) -> float:
+        return self.checkpoints[-1][4] if self.checkpoints else 0.0
+
+
+def make_optimizer(name: str, params, hp: dict, schedule: dict):
+    if name == "KFAC":
+        return curvopt.KFAC(params, lr=hp["lr"], damping=hp["damping"], **schedule)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=hp["lr"])
+    return torch.optim.SGD(params, lr=hp["lr"], momentum=0.9)
+
+
+def grids(configs: int) -> dict[str, list[dict]]:
+    """``configs`` configurations per optimizer, log-spaced around the usual defaults."""
+
+    def logspace(lo: float, hi: float, n: int) -> list[float]:
+        if n == 1:
+            return [math.sqrt(lo * hi)]
+        return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
+
+    n_lr = max(1, configs // 2)
+    kfac = [{"lr": lr, "damping": d} for lr in logspace(0.03, 0.3, n_lr) for d in (1e-3, 1e-2)][:configs]
+    return {"KFAC": kfac,
+            "Adam": [{"lr": lr} for lr in logspace(3e-4, 1e-2, configs)],
+            "SGD": [{"lr": lr} for lr in logspace(1e-2, 3e-1, configs)]}
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(1) == y).float().mean())
+
+
+def train(model_fn, opt_name: str, hp: dict, data: Dataset, val: tuple, *, batch_size: int, max_epochs: float,
+          schedule: dict, stop_at: float | None = None, max_steps: int | None = None, seed: int = 0) -> Run:
+    """Train from a fixed initialization; evaluate every quarter epoch (untimed)."""
+    torch.manual_seed(seed)
+    model = model_fn()
+    opt = make_optimizer(opt_name, model.parameters(), hp, schedule)
+    run = Run(hp)
+    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
+    eval_every = max(1, steps_per_epoch // 4)
+    epoch = 0
+    try:
+        while run.steps < max_epochs * steps_per_epoch:
+            model.train()
+            for X, y in data.loader(batch_size, shuffle=True, seed=seed * 1000 + epoch):
+                t = time.perf_counter()
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(X), y)
+                loss.backward()
+                opt.step()
+                run.seconds += time.perf_counter() - t
+                run.steps += 1
+                if not math.isfinite(loss.item()):
+                    run.diverged = True
+                    return run
+                if run.steps % eval_every == 0 or run.steps == steps_per_epoch * (epoch + 1):
+                    model.eval()
+                    run.checkpoints.append((run.steps / steps_per_epoch, run.steps, run.seconds,
+                                            accuracy(model, *val), accuracy(model, data.X_test, data.y_test)))
+                    model.train()
+                    if stop_at is not None and run.checkpoints[-1][4] >= stop_at:
+                        return run
+                if (max_steps is not None and run.steps >= max_steps) or run.steps >= max_epochs * steps_per_epoch:
+                    return run
+            epoch += 1
+    finally:
+        if hasattr(opt, "close"):
+            opt.close()
+    return run
+
+
+def select(runs: list[Run], target: float) -> Run:
+    """Fewest epochs to ``target`` validation accuracy, then the best final validation accuracy."""
+    def key(r: Run):
+        hit = r.first(target, 3)
+        return (0, hit[0], -r.final_val) if hit else (1, 0.0, -r.final_val)
+    return min(runs, key=key)
+
+
+def step_cost(model_fn, data: Dataset, hp_kfac: dict, schedule: dict, steps: int, repeats: int = 3) -> dict:
+    """Seconds per step of K-FAC and Adam, interleaved, best of ``repeats`` blocks of ``steps``."""
+    batches = data.batches(128)
+    best = {"KFAC": float("inf"), "Adam": float("inf")}
+    for _ in range(repeats):
+        for name in best:
+            torch.manual_seed(0)
+            model = model_fn()
+            opt = make_optimizer(name, model.parameters(), hp_kfac if name == "KFAC" else {"lr": 1e-3}, schedule)
+            t = time.perf_counter()
+            for i in range(steps):
+                X, y = batches[i % len(batches)]
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(X), y).backward()
+                opt.step()
+            best[name] = min(best[name], (time.perf_counter() - t) / steps)
+            if hasattr(opt, "close"):
+                opt.close()
+    return {"kfac_ms": best["KFAC"] * 1e3, "adam_ms": best["Adam"] * 1e3, "ratio": best["KFAC"] / best["Adam"]}
+
+
+def fmt(hit: tuple | None, column: int, spec: str) -> str:
+    return format(hit[column], spec) if hit else "-"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--configs", type=int, default=6, help="tuning budget: configurations per optimizer")
+    parser.add_argument("--epochs", type=float, default=12)
+    parser.add_argument("--factor-every", type=int, default=10)
+    parser.add_argument("--inverse-every", type=int, default=100)
+    parser.add_argument("--batch-sizes", default="128,512,1024,4096")
+    parser.add_argument("--targets", default="0.9,0.95")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.configs, args.epochs, args.batch_sizes = 1500, 2, 1, "64,256"
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    targets = [float(t) for t in args.targets.split(",")]
+    schedule = {"factor_every": args.factor_every, "inverse_every": args.inverse_every}
+    full = mnist1d(num_samples=args.samples)
+    n_val = len(full.y_train) // 8  # validation split for tuning, cut from the training set
+    data = Dataset(full.X_train[n_val:], full.y_train[n_val:], full.X_test, full.y_test, full.num_classes)
+    val = (full.X_train[:n_val], full.y_train[:n_val])
+    print(f"mnist1d: {len(data.y_train)} train, {n_val} validation, {len(data.y_test)} test; "
+          f"{args.configs} configurations per optimizer, {args.epochs:g} epochs, batch 128")
+
+    results: dict = {}
+    print("\n(a) race, best configuration per optimizer (chosen on validation; test figures)")
+    print(f"{'model':<18} {'optimizer':<6} {'config':<26} " + " ".join(
+        f"{'ep@' + format(t, '.0%'):>7} {'s@' + format(t, '.0%'):>7}" for t in targets) + f" {'final':>6}")
+    for model_name, model_fn in MODELS.items():
+        results[model_name] = {}
+        for opt_name, configs in grids(args.configs).items():
+            runs = [train(model_fn, opt_name, hp, data, val, batch_size=128, max_epochs=args.epochs,
+                          schedule=schedule) for hp in configs]
+            best = select(runs, targets[-1])
+            hits = {t: best.first(t, 4) for t in targets}
+            results[model_name][opt_name] = {
+                "hp": best.hp, "final": best.final_test, "seconds": best.seconds, "steps": best.steps,
+                "epochs_to": {t: (h[0] if h else None) for t, h in hits.items()},
+                "seconds_to": {t: (h[2] if h else None) for t, h in hits.items()},
+                "reached_in_grid": sum(r.first(targets[-1], 4) is not None for r in runs),
+            }
+            config = ", ".join(f"{k}={v:.3g}" for k, v in best.hp.items())
+            print(f"{model_name:<18} {opt_name:<6} {config:<26} " + " ".join(
+                f"{fmt(hits[t], 0, '.2f'):>7} {fmt(hits[t], 2, '.2f'):>7}" for t in targets)
+                + f" {best.final_test:>6.3f}")
+
+    print(f"\n(b) amortized step cost, batch 128, factors every {args.factor_every}, inverses every "
+          f"{args.inverse_every} steps (K-FAC / Adam)")
+    for model_name, model_fn in MODELS.items():
+        cost = step_cost(model_fn, data, results[model_name]["KFAC"]["hp"], schedule, 40 if args.quick else 400)
+        results[model_name]["step_cost"] = cost
+        print(f"{model_name:<18} K-FAC {cost['kfac_ms']:.2f} ms, Adam {cost['adam_ms']:.2f} ms, "
+              f"ratio {cost['ratio']:.2f}")
+
+    target = targets[0]
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    print(f"\n(c) CNN iterations to {target:.0%} test accuracy by batch size (lr re-tuned over 3 values each)")
+    print(f"{'batch':>6} " + " ".join(f"{name:>14}" for name in grids(1)))
+    scaling: dict = {}
+    cnn_best = results["CNN Conv1d"]
+    for b in sizes:
+        scaling[b] = {}
+        for opt_name in grids(1):
+            base = dict(cnn_best[opt_name]["hp"])
+            iters = []
+            for factor in (0.5, 1.0, 2.0):
+                hp = dict(base, lr=base["lr"] * factor * math.sqrt(b / 128))
+                run = train(cnn1d, opt_name, hp, data, val, batch_size=b, max_epochs=4 * args.epochs,
+                            schedule=schedule, stop_at=target, max_steps=2000)
+                hit = run.first(target, 4)
+                iters.append((hit[1] if hit else None, hp["lr"]))
+            reached = [i for i in iters if i[0] is not None]
+            scaling[b][opt_name] = min(reached) if reached else (None, None)
+        cells = [f"{it} (lr {lr:.2g})" if it else "-" for it, lr in scaling[b].values()]
+        print(f"{b:>6} " + " ".join(f"{c:>14}" for c in cells))
+    results["batch_scaling"] = scaling
+    return results
+
+
+if __name__ == "__main__":
+    main()

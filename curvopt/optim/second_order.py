@@ -1,0 +1,273 @@
+"""What NewtonMR, TrustRegion and ARC share: closures, curvature on a sub-sample, trial steps, statistics.
+
+Each parameter group is its own block: its own subproblem, its own radius/sigma and
+counters; with one group (the usual case) the step is the full second-order step. A step
+evaluates the closure for the loss and gradient, builds the curvature of the group's
+trainable parameters (frozen ones, ``requires_grad=False``, are ignored), asks the method
+for a step, and accepts it or restores the parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from curvopt.curvature.registry import available_curvatures, check_options, curvature, curvature_class
+from curvopt.errors import CurvoptError, UnknownCurvatureError
+from curvopt.optim.closure import BatchClosure
+
+
+class ClosureError(CurvoptError, TypeError):
+    """``step()`` was called without a usable closure."""
+
+
+@dataclass
+class StepStats:
+    """What one step of one parameter group did (``optimizer.stats`` after ``step``).
+
+    Attributes:
+        loss: Loss before the step.
+        trial_loss: Loss at the last trial point (``None`` if none was tried).
+        accepted: Whether the parameters moved.
+        ratio: Actual / predicted decrease (trust region, ARC) or ``None``.
+        solver_iterations: Curvature products the subproblem solver used.
+        stop_reason: Why the solver stopped (see :data:`curvopt.linalg.STOP_REASONS`), or
+            ``"nonfinite_loss"``/``"nonfinite_gradient"`` when the step was rejected before it.
+        step_norm: ``||Delta theta||`` of the accepted step (0 if rejected).
+        step_size: Line-search step length (NewtonMR), else 1.
+        evaluations: Loss evaluations of the closure in this step (including the first).
+        regularization: Trust radius (TrustRegion), sigma (ARC) or initial step (NewtonMR) after the update.
+    """
+
+    loss: float
+    trial_loss: float | None = None
+    accepted: bool = False
+    ratio: float | None = None
+    solver_iterations: int = 0
+    stop_reason: str = ""
+    step_norm: float = 0.0
+    step_size: float = 1.0
+    evaluations: int = 1
+    regularization: float = 0.0
+
+
+class GraphHessian:
+    """The Hessian of a loss whose gradients were computed with ``create_graph=True``.
+
+    For plain closures (``loss.backward(create_graph=True)`` inside): products by double
+    backward through the parameters' ``.grad`` graphs, on the closure's whole batch.
+    """
+
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        self.params, self.grads = params, grads
+        n = sum(p.numel() for p in params)
+        self.shape, self.dtype, self.device = (n, n), params[0].dtype, params[0].device
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        if V.dim() == 2:
+            return torch.stack([self @ V[:, j] for j in range(V.shape[1])], dim=1)
+        parts = [t.view_as(p) for t, p in zip(V.split([p.numel() for p in self.params]), self.params)]
+        with torch.enable_grad():
+            out = torch.autograd.grad(self.grads, self.params, parts, retain_graph=True, allow_unused=True)
+        return torch.cat([(o if o is not None else torch.zeros_like(p)).reshape(-1)
+                          for o, p in zip(out, self.params)])
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+class SecondOrderOptimizer(Optimizer):
+    """Base class; subclasses implement :meth:`_propose` (solve, try, accept or reject)."""
+
+    _regularization_key = "step_size"
+
+    def __init__(self, params, defaults: dict[str, Any]) -> None:
+        name = defaults["curvature"]
+        if name not in available_curvatures():
+            raise UnknownCurvatureError(f"unknown curvature {name!r}; valid names: "
+                                        f"{', '.join(available_curvatures())}")
+        options = dict(defaults.get("curvature_options") or {})
+        if not getattr(curvature_class(name), "forwards_options", False):
+            check_options(curvature_class(name), options)
+        f = defaults["curvature_fraction"]
+        _check(isinstance(f, (int, float)) and 0 < f <= 1, f"curvature_fraction must be in (0, 1], got {f!r}")
+        _check(defaults["damping"] >= 0, f"damping must be >= 0, got {defaults['damping']!r}")
+        _check(defaults["rtol"] > 0, f"rtol must be > 0, got {defaults['rtol']!r}")
+        m = defaults["max_iter"]
+        _check(isinstance(m, int) and m >= 1, f"max_iter must be a positive integer, got {m!r}")
+        super().__init__(params, defaults)
+        self.stats_per_group: list[StepStats] = []
+
+    @property
+    def stats(self) -> StepStats | None:
+        """Statistics of the last step (of the last parameter group); ``None`` before the first."""
+        return self.stats_per_group[-1] if self.stats_per_group else None
+
+    def _group_state(self, group: dict) -> dict:
+        """Per-group state (radius/sigma, counters), stored with the group's first parameter."""
+        state = self.state[group["params"][0]]
+        if not state:
+            state.update(steps=0, accepted=0, rejected=0)
+            state[self._regularization_key] = float(group[self._initial_key])
+        return state
+
+    _initial_key = "lr"
+
+    # ------------------------------------------------------------------ evaluations
+    @staticmethod
+    def _active(group: dict) -> list[torch.Tensor]:
+        return [p for p in group["params"] if p.requires_grad]
+
+    def _loss_and_grad(self, closure: Any, params: list[torch.Tensor], need_graph: bool
+                       ) -> tuple[float, list[torch.Tensor] | None, list[torch.Tensor]]:
+        """``(loss, gradients, parameters that have one)``; gradients keep a graph for plain closures."""
+        with torch.enable_grad():
+            if isinstance(closure, BatchClosure):
+                loss = closure.loss()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            else:
+                loss = closure()
+                grads = tuple(p.grad for p in params)
+        value = float(loss.detach())
+        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        if not used:
+            return value, None, []
+        if not isinstance(closure, BatchClosure) and need_graph and any(g.grad_fn is None for _, g in used):
+            raise ClosureError(
+                "this closure's gradients carry no graph, so the Hessian cannot be formed from them; "
+                "call loss.backward(create_graph=True) inside the closure, or pass "
+                "curvopt.batch_closure(model, loss_fn, X, y), which also enables other curvature backends "
+                "and curvature_fraction < 1")
+        return value, [g for _, g in used], [p for p, _ in used]
+
+    def _trial_loss(self, closure: Any) -> float:
+        """The loss at the current parameters (no gradient needed for batch closures)."""
+        if isinstance(closure, BatchClosure):
+            with torch.no_grad():
+                return float(closure.loss())
+        with torch.enable_grad():
+            return float(closure().detach())
+
+    def _curvature(self, closure: Any, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
+                   step: int) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
+        """The curvature operator, its parameter order, and the flat gradient in that order."""
+        if isinstance(closure, BatchClosure):
+            generator = torch.Generator().manual_seed(int(group["seed"]) + step)
+            batch = closure.subsample(group["curvature_fraction"], generator)
+            options = dict(group.get("curvature_options") or {})
+            op = curvature(group["curvature"], closure.model, closure.loss_fn, [batch], params=params, **options)
+            by_id = {id(p): g for p, g in zip(params, grads)}
+            ordered = list(op.params)
+            flat = torch.cat([by_id[id(p)].detach().reshape(-1) for p in ordered])
+            return op, ordered, flat
+        flat = torch.cat([g.detach().reshape(-1) for g in grads])
+        return GraphHessian(params, grads), params, flat
+
+    @staticmethod
+    def _move(params: list[torch.Tensor], origin: list[torch.Tensor], direction: torch.Tensor,
+              alpha: float) -> None:
+        """Set ``params = origin + alpha * direction`` (flat ``direction`` in ``params`` order)."""
+        offset = 0
+        with torch.no_grad():
+            for p, p0 in zip(params, origin):
+                n = p.numel()
+                p.copy_(p0 + alpha * direction[offset:offset + n].view_as(p).to(p.dtype))
+                offset += n
+
+    @staticmethod
+    def _restore(params: list[torch.Tensor], origin: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, p0 in zip(params, origin):
+                p.copy_(p0)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, closure: Any = None) -> float | None:  # type: ignore[override]
+        """One step per parameter group; ``closure`` re-evaluates the loss on the current mini-batch.
+
+        ``closure`` is a :func:`curvopt.batch_closure` (any curvature backend, sub-sampled
+        curvature), or a plain function that zeroes the gradients, computes the loss, calls
+        ``loss.backward(create_graph=True)`` and returns the loss (exact Hessian on its batch).
+
+        Returns:
+            The loss before the step (of the first group), as a float.
+        """
+        if closure is None or not callable(closure):
+            raise ClosureError(
+                f"{type(self).__name__}.step needs a closure that re-evaluates the loss on the current "
+                "mini-batch, e.g. opt.step(curvopt.batch_closure(model, loss_fn, X, y))")
+        self.stats_per_group = []
+        first_loss = None
+        for group in self.param_groups:
+            stats = self._group_step(group, closure)
+            self.stats_per_group.append(stats)
+            first_loss = stats.loss if first_loss is None else first_loss
+        return first_loss
+
+    def _group_step(self, group: dict, closure: Any) -> StepStats:
+        if not isinstance(closure, BatchClosure) and (group["curvature"] != "hessian"
+                                                      or group["curvature_fraction"] != 1):
+            raise ClosureError(
+                f"curvature={group['curvature']!r} with curvature_fraction={group['curvature_fraction']} "
+                "needs the model and the batch: pass curvopt.batch_closure(model, loss_fn, X, y) as the closure")
+        state = self._group_state(group)
+        step = state["steps"]
+        state["steps"] = step + 1
+        active = self._active(group)
+        if not active:
+            return StepStats(loss=float("nan"), stop_reason="no_trainable_parameters")
+        loss, grads, params = self._loss_and_grad(closure, active, need_graph=True)
+        stats = StepStats(loss=loss, regularization=state[self._regularization_key])
+        if grads is None:
+            stats.stop_reason = "zero_rhs"
+            return stats
+        if not math.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
+            stats.stop_reason = "nonfinite_loss" if not math.isfinite(loss) else "nonfinite_gradient"
+            self._reject(group, state, stats, warn=True)
+            return stats
+        op, params, g = self._curvature(closure, group, params, grads, step)
+        origin = [p.detach().clone() for p in params]
+        accepted = self._propose(group, state, stats, closure, op, params, origin, g)
+        if accepted:
+            state["accepted"] += 1
+        else:
+            self._restore(params, origin)
+            state["rejected"] += 1
+        stats.accepted = accepted
+        stats.regularization = state[self._regularization_key]
+        return stats
+
+    def _reject(self, group: dict, state: dict, stats: StepStats, warn: bool) -> None:
+        """A non-finite loss/gradient/product: nothing moves; the method becomes more cautious."""
+        state["rejected"] += 1
+        self._on_failure(group, state)
+        stats.regularization = state[self._regularization_key]
+        if warn:
+            warnings.warn(f"{type(self).__name__}: {stats.stop_reason.replace('_', ' ')}; step rejected, "
+                          "parameters unchanged", stacklevel=4)
+
+    def _on_failure(self, group: dict, state: dict) -> None:
+        """Shrink the radius / raise sigma (subclasses)."""
+
+    def _propose(self, group: dict, state: dict, stats: StepStats, closure: Any, op: Any,
+                 params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+
+def round_off(predicted: float, loss: float) -> bool:
+    """Whether a predicted decrease is at the loss's round-off level (a stationary point)."""
+    return predicted <= 8 * torch.finfo(torch.float64).eps * max(1.0, abs(loss))
+
+
+def common_defaults(curvature: str, curvature_fraction: float, curvature_options: dict | None, damping: float,
+                    rtol: float, max_iter: int, seed: int) -> dict[str, Any]:
+    """The hyperparameters every Newton-type optimizer takes (documented on each class)."""
+    return dict(curvature=curvature, curvature_fraction=curvature_fraction,
+                curvature_options=dict(curvature_options or {}), damping=damping, rtol=rtol,
+                max_iter=max_iter, seed=seed)

@@ -1,0 +1,84 @@
+"""Trust-region Newton with Steihaug-CG steps on mini-batches (Steihaug, 1983; Nocedal & Wright, ch. 4, 7)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from curvopt.linalg.cg import steihaug_cg
+from curvopt.optim.second_order import SecondOrderOptimizer, StepStats, _check, common_defaults, round_off
+
+
+class TrustRegion(SecondOrderOptimizer):
+    """Subsampled trust-region Newton: Steihaug-CG step, ratio test, radius update.
+
+    The step ``p`` approximately minimizes ``g^T p + 1/2 p^T (H + damping I) p`` within
+    ``||p|| <= radius`` (:func:`curvopt.linalg.steihaug_cg`; negative curvature is followed to
+    the boundary). With ``rho = (f(x) - f(x + p)) / (m(0) - m(p))`` on the mini-batch, the
+    step is accepted when ``rho > eta``; the radius shrinks by ``shrink`` when
+    ``rho < 1/4`` (or the loss is not finite) and grows by ``expand`` (up to ``max_radius``)
+    when ``rho > 3/4`` and the step reached the boundary (Nocedal & Wright, Algorithm 4.1).
+
+    Args:
+        params: Parameters or parameter groups (each group has its own radius).
+        radius: Initial trust-region radius.
+        max_radius: Upper bound of the radius.
+        eta: Acceptance threshold of the ratio, in [0, 1/4).
+        shrink: Radius factor after a poor step, in (0, 1).
+        expand: Radius factor after a very good boundary step, > 1.
+        curvature, curvature_fraction, curvature_options, damping, rtol, max_iter, seed: As for
+            :class:`~curvopt.NewtonMR` (``rtol`` is CG's relative model-gradient tolerance).
+    """
+
+    _regularization_key = "radius"
+    _initial_key = "radius"
+
+    def __init__(self, params, radius: float = 1.0, *, max_radius: float = 1e3, eta: float = 0.1,
+                 shrink: float = 0.25, expand: float = 2.0, curvature: str = "hessian",
+                 curvature_fraction: float = 1.0, curvature_options: dict | None = None, damping: float = 0.0,
+                 rtol: float = 1e-4, max_iter: int = 100, seed: int = 0) -> None:
+        _check(radius > 0, f"radius must be > 0, got {radius!r}")
+        _check(max_radius >= radius, f"max_radius must be >= radius, got {max_radius!r} < {radius!r}")
+        _check(0 <= eta < 0.25, f"eta must be in [0, 0.25), got {eta!r}")
+        _check(0 < shrink < 1, f"shrink must be in (0, 1), got {shrink!r}")
+        _check(expand > 1, f"expand must be > 1, got {expand!r}")
+        defaults = dict(radius=radius, max_radius=max_radius, eta=eta, shrink=shrink, expand=expand,
+                        **common_defaults(curvature, curvature_fraction, curvature_options, damping, rtol,
+                                          max_iter, seed))
+        super().__init__(params, defaults)
+
+    def _on_failure(self, group: dict, state: dict) -> None:
+        state["radius"] *= group["shrink"]
+
+    def _propose(self, group: dict, state: dict, stats: StepStats, closure: Any, op: Any,
+                 params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
+        radius = state["radius"]
+        result = steihaug_cg(op, g, radius, rtol=group["rtol"], max_iter=group["max_iter"], shift=group["damping"])
+        stats.solver_iterations, stats.stop_reason = result.iterations, result.reason
+        if result.reason == "zero_rhs":
+            return False
+        if result.reason == "nonfinite" and result.iterations <= 1:
+            self._on_failure(group, state)
+            return False
+        predicted = -float(result.model_value)
+        self._move(params, origin, result.x, 1.0)
+        f = self._trial_loss(closure)
+        stats.evaluations += 1
+        stats.trial_loss = f
+        if math.isfinite(f) and round_off(predicted, stats.loss):
+            # at a stationary point the ratio is noise: keep the radius, take the step if it does no harm
+            stats.step_norm = float(torch.linalg.norm(result.x)) if f <= stats.loss else 0.0
+            return f <= stats.loss
+        step_norm = float(torch.linalg.norm(result.x))
+        rho = (stats.loss - f) / predicted if (math.isfinite(f) and predicted > 0) else -math.inf
+        stats.ratio = rho
+        if rho < 0.25:
+            state["radius"] = group["shrink"] * (step_norm if math.isfinite(f) and step_norm > 0 else radius)
+        elif rho > 0.75 and step_norm >= 0.99 * radius:
+            state["radius"] = min(group["expand"] * radius, group["max_radius"])
+        if rho > group["eta"]:
+            stats.step_norm = step_norm
+            return True
+        return False
