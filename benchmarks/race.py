@@ -80,10 +80,10 @@ def grids(configs: int) -> dict[str, list[dict]]:
         return [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
 
     n_lr = max(1, configs // 2)
-    kfac = [{"lr": lr, "damping": d} for lr in logspace(0.03, 0.3, n_lr) for d in (1e-3, 1e-2)][:configs]
+    kfac = [{"lr": lr, "damping": d} for lr in logspace(0.1, 1.0, n_lr) for d in (1e-3, 1e-2)][:configs]
     return {"KFAC": kfac,
-            "Adam": [{"lr": lr} for lr in logspace(3e-4, 1e-2, configs)],
-            "SGD": [{"lr": lr} for lr in logspace(1e-2, 3e-1, configs)]}
+            "Adam": [{"lr": lr} for lr in logspace(1e-3, 3e-2, configs)],
+            "SGD": [{"lr": lr} for lr in logspace(3e-2, 1.0, configs)]}
 
 
 def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
