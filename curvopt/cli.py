@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from curvopt.errors import CurvoptError
-from curvopt.optim import KFAC
+from curvopt.optim import ARC, KFAC, NewtonMR, TrustRegion, batch_closure
+from curvopt.optim.second_order import SecondOrderOptimizer
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"arch": "cnn1d", "checkpoint": "", "train_epochs": 10, "lr": 3e-3, "seed": 0},
@@ -56,7 +57,8 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 ARCHS = ("cnn1d", "mlp")
 DATASETS = ("mnist1d", "digits")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
-OPTIMIZERS = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+OPTIMIZERS = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "newton_mr": NewtonMR,
+              "trust_region": TrustRegion, "arc": ARC}
 
 
 class ConfigError(CurvoptError, ValueError):
@@ -225,13 +227,16 @@ def _optimizer(config: dict[str, dict[str, Any]], model: nn.Module) -> torch.opt
     name, lr = config["optimizer"]["name"], config["optimizer"]["lr"]
     options = dict(config["optimizer"]["options"])
     factory = OPTIMIZERS[name]
-    valid = [p for p in inspect.signature(factory.__init__).parameters if p not in ("self", "params", "lr")]
+    accepted = list(inspect.signature(factory.__init__).parameters)
+    valid = [p for p in accepted if p not in ("self", "params", "lr")]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ConfigError(f"[optimizer] options for {name!r} has unknown key(s) {', '.join(map(repr, unknown))}; "
                           f"valid: {', '.join(valid)}")
+    if "lr" in accepted:  # trust_region and arc have no learning rate (radius, sigma instead)
+        options["lr"] = lr
     try:
-        return factory(model.parameters(), lr=lr, **options)
+        return factory(model.parameters(), **options)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[optimizer] {name}: {e}") from e
 
@@ -249,8 +254,9 @@ def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[di
     out.mkdir(parents=True, exist_ok=True)
     fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
     rows: list[dict[str, float]] = []
+    knob = "lr" if "lr" in optimizer.defaults else "radius" if "radius" in optimizer.defaults else "sigma"
     print(f"training {config['model']['arch']} on {config['data']['dataset']} with {config['optimizer']['name']} "
-          f"(lr {config['optimizer']['lr']}, batch {config['data']['batch_size']})")
+          f"({knob} {optimizer.defaults[knob]}, batch {config['data']['batch_size']})")
     print("  ".join(f"{f:>10}" for f in fields))
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -261,6 +267,9 @@ def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[di
             loader = data.loader(config["data"]["batch_size"], shuffle=True, seed=config["model"]["seed"] + epoch)
             start = time.perf_counter()
             for X, y in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
+                if isinstance(optimizer, SecondOrderOptimizer):  # Newton-type: a closure over the batch
+                    optimizer.step(batch_closure(model, loss_fn, X, y))
+                    continue
                 optimizer.zero_grad()
                 loss_fn(model(X), y).backward()
                 optimizer.step()
@@ -285,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("analyze", help="spectrum, trace and per-layer sensitivity of a trained network")
     p.add_argument("--config", help="TOML file (model/checkpoint, data, loss, curvature backend, budgets)")
     p.add_argument("--out", help="output folder (default: [output] dir)")
-    t = sub.add_parser("train", help="train with an optimizer chosen by name (kfac, adam, sgd)")
+    t = sub.add_parser("train", help="train with an optimizer chosen by name (kfac, adam, sgd, newton_mr, "
+                                     "trust_region, arc)")
     t.add_argument("--config", help="TOML file (model, data, optimizer and its options, epochs)")
     t.add_argument("--out", help="output folder (default: [output] dir)")
     args = parser.parse_args(argv)

@@ -74,3 +74,28 @@ def test_bad_train_config(tmp_path, capsys, text, message):
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+NEWTON_OPTIONS = [
+    ("newton_mr", '{ curvature = "ggn", curvature_fraction = 0.25, damping = 0.01, max_iter = 10 }'),
+    ("trust_region", '{ curvature = "ggn", radius = 0.5, max_iter = 10 }'),
+    ("arc", '{ curvature = "hessian", curvature_fraction = 0.5, max_iter = 10 }'),
+]
+
+
+@pytest.mark.parametrize("name,options", NEWTON_OPTIONS)
+def test_train_with_newton_type_optimizers(tmp_path, capsys, name, options):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(CONFIG.format(name=name, lr=1.0, options=options).replace("epochs = 2", "epochs = 1"))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert float(rows[-1]["test_acc"]) > 0.5
+    assert f"with {name}" in capsys.readouterr().out
+
+
+def test_unknown_newton_option_is_a_one_line_error(tmp_path, capsys):
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(CONFIG.format(name="trust_region", lr=1.0, options='{ curvature = "gnn" }'))
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ggn" in err
