@@ -25,47 +25,26 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import curvopt
-from curvopt.data import Dataset, mnist1d
+from curvopt.data import Dataset
 from curvopt.models import cnn1d, mlp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import TEST, select, split, train  # noqa: E402
 
 MODELS = {"MLP 40-256-256-10": mlp, "CNN Conv1d": cnn1d}
 
 
-@dataclass
-class Run:
-    """One training run: accuracy checkpoints and the cost to reach each target."""
-
-    hp: dict
-    checkpoints: list = field(default_factory=list)  # (epoch, step, seconds, val acc, test acc)
-    seconds: float = 0.0
-    steps: int = 0
-    diverged: bool = False
-
-    def first(self, target: float, column: int) -> tuple | None:
-        for c in self.checkpoints:
-            if c[column] >= target:
-                return c
-        return None
-
-    @property
-    def final_val(self) -> float:
-        return self.checkpoints[-1][3] if self.checkpoints else 0.0
-
-    @property
-    def final_test(self) -> float:
-        return self.checkpoints[-1][4] if self.checkpoints else 0.0
-
-
-def make_optimizer(name: str, params, hp: dict, schedule: dict):
+def make_optimizer(name: str, params, hp: dict, schedule: dict | None = None):
     if name == "KFAC":
-        return curvopt.KFAC(params, lr=hp["lr"], damping=hp["damping"], **schedule)
+        return curvopt.KFAC(params, lr=hp["lr"], damping=hp["damping"], **(schedule or {}))
     if name == "Adam":
         return torch.optim.Adam(params, lr=hp["lr"])
     return torch.optim.SGD(params, lr=hp["lr"], momentum=0.9)
@@ -84,59 +63,6 @@ def grids(configs: int) -> dict[str, list[dict]]:
     return {"KFAC": kfac,
             "Adam": [{"lr": lr} for lr in logspace(1e-3, 3e-2, configs)],
             "SGD": [{"lr": lr} for lr in logspace(3e-2, 1.0, configs)]}
-
-
-def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model(X).argmax(1) == y).float().mean())
-
-
-def train(model_fn, opt_name: str, hp: dict, data: Dataset, val: tuple, *, batch_size: int, max_epochs: float,
-          schedule: dict, stop_at: float | None = None, max_steps: int | None = None, seed: int = 0) -> Run:
-    """Train from a fixed initialization; evaluate every quarter epoch (untimed)."""
-    torch.manual_seed(seed)
-    model = model_fn()
-    opt = make_optimizer(opt_name, model.parameters(), hp, schedule)
-    run = Run(hp)
-    steps_per_epoch = math.ceil(len(data.y_train) / batch_size)
-    eval_every = max(1, steps_per_epoch // 4)
-    epoch = 0
-    try:
-        while run.steps < max_epochs * steps_per_epoch:
-            model.train()
-            for X, y in data.loader(batch_size, shuffle=True, seed=seed * 1000 + epoch):
-                t = time.perf_counter()
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(X), y)
-                loss.backward()
-                opt.step()
-                run.seconds += time.perf_counter() - t
-                run.steps += 1
-                if not math.isfinite(loss.item()):
-                    run.diverged = True
-                    return run
-                if run.steps % eval_every == 0 or run.steps == steps_per_epoch * (epoch + 1):
-                    model.eval()
-                    run.checkpoints.append((run.steps / steps_per_epoch, run.steps, run.seconds,
-                                            accuracy(model, *val), accuracy(model, data.X_test, data.y_test)))
-                    model.train()
-                    if stop_at is not None and run.checkpoints[-1][4] >= stop_at:
-                        return run
-                if (max_steps is not None and run.steps >= max_steps) or run.steps >= max_epochs * steps_per_epoch:
-                    return run
-            epoch += 1
-    finally:
-        if hasattr(opt, "close"):
-            opt.close()
-    return run
-
-
-def select(runs: list[Run], target: float) -> Run:
-    """Fewest epochs to ``target`` validation accuracy, then the best final validation accuracy."""
-    def key(r: Run):
-        hit = r.first(target, 3)
-        return (0, hit[0], -r.final_val) if hit else (1, 0.0, -r.final_val)
-    return min(runs, key=key)
 
 
 def step_cost(model_fn, data: Dataset, hp_kfac: dict, schedule: dict, steps: int, repeats: int = 3) -> dict:
@@ -180,11 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     targets = [float(t) for t in args.targets.split(",")]
     schedule = {"factor_every": args.factor_every, "inverse_every": args.inverse_every}
-    full = mnist1d(num_samples=args.samples)
-    n_val = len(full.y_train) // 8  # validation split for tuning, cut from the training set
-    data = Dataset(full.X_train[n_val:], full.y_train[n_val:], full.X_test, full.y_test, full.num_classes)
-    val = (full.X_train[:n_val], full.y_train[:n_val])
-    print(f"mnist1d: {len(data.y_train)} train, {n_val} validation, {len(data.y_test)} test; "
+    data, val = split(args.samples)  # validation split for tuning, cut from the training set
+    print(f"mnist1d: {len(data.y_train)} train, {len(val[1])} validation, {len(data.y_test)} test; "
           f"{args.configs} configurations per optimizer, {args.epochs:g} epochs, batch 128")
 
     results: dict = {}
@@ -194,15 +117,15 @@ def main(argv: list[str] | None = None) -> dict:
     for model_name, model_fn in MODELS.items():
         results[model_name] = {}
         for opt_name, configs in grids(args.configs).items():
-            runs = [train(model_fn, opt_name, hp, data, val, batch_size=128, max_epochs=args.epochs,
-                          schedule=schedule) for hp in configs]
+            make = lambda params, hp, name=opt_name: make_optimizer(name, params, hp, schedule)  # noqa: E731
+            runs = [train(model_fn, make, hp, data, val, batch_size=128, max_epochs=args.epochs) for hp in configs]
             best = select(runs, targets[-1])
-            hits = {t: best.first(t, 4) for t in targets}
+            hits = {t: best.first(t, TEST) for t in targets}
             results[model_name][opt_name] = {
                 "hp": best.hp, "final": best.final_test, "seconds": best.seconds, "steps": best.steps,
                 "epochs_to": {t: (h[0] if h else None) for t, h in hits.items()},
                 "seconds_to": {t: (h[2] if h else None) for t, h in hits.items()},
-                "reached_in_grid": sum(r.first(targets[-1], 4) is not None for r in runs),
+                "reached_in_grid": sum(r.first(targets[-1], TEST) is not None for r in runs),
             }
             config = ", ".join(f"{k}={v:.3g}" for k, v in best.hp.items())
             print(f"{model_name:<18} {opt_name:<6} {config:<26} " + " ".join(
@@ -230,9 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
             iters = []
             for factor in (0.5, 1.0, 2.0):
                 hp = dict(base, lr=base["lr"] * factor * math.sqrt(b / 128))
-                run = train(cnn1d, opt_name, hp, data, val, batch_size=b, max_epochs=4 * args.epochs,
-                            schedule=schedule, stop_at=target, max_steps=2000)
-                hit = run.first(target, 4)
+                make = lambda params, hp, name=opt_name: make_optimizer(name, params, hp, schedule)  # noqa: E731
+                run = train(cnn1d, make, hp, data, val, batch_size=b, max_epochs=4 * args.epochs,
+                            stop_at=target, max_steps=2000)
+                hit = run.first(target, TEST)
                 iters.append((hit[1] if hit else None, hp["lr"]))
             reached = [i for i in iters if i[0] is not None]
             scaling[b][opt_name] = min(reached) if reached else (None, None)

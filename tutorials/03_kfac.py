@@ -41,7 +41,7 @@ def train(make_optimizer, epochs=3, seed=0):
 # ## The same loop, three optimizers
 # K-FAC's main knobs are `lr` and `damping`; `factor_every`/`inverse_every` trade cost for
 # freshness of the curvature, `kl_clip` bounds the step. These are single untuned runs,
-# for illustration only: `benchmarks/race.py` (planned) compares tuned optimizers.
+# for illustration only: `benchmarks/race.py` compares tuned optimizers.
 
 # %%
 runs = {

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from curvopt.curvature.graph_hessian import GraphHessian
 from curvopt.curvature.registry import available_curvatures, check_options, curvature, curvature_class
 from curvopt.errors import CurvoptError, UnknownCurvatureError
 from curvopt.optim.closure import BatchClosure
@@ -54,28 +55,6 @@ class StepStats:
     step_size: float = 1.0
     evaluations: int = 1
     regularization: float = 0.0
-
-
-class GraphHessian:
-    """The Hessian of a loss whose gradients were computed with ``create_graph=True``.
-
-    For plain closures (``loss.backward(create_graph=True)`` inside): products by double
-    backward through the parameters' ``.grad`` graphs, on the closure's whole batch.
-    """
-
-    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        self.params, self.grads = params, grads
-        n = sum(p.numel() for p in params)
-        self.shape, self.dtype, self.device = (n, n), params[0].dtype, params[0].device
-
-    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
-        if V.dim() == 2:
-            return torch.stack([self @ V[:, j] for j in range(V.shape[1])], dim=1)
-        parts = [t.view_as(p) for t, p in zip(V.split([p.numel() for p in self.params]), self.params)]
-        with torch.enable_grad():
-            out = torch.autograd.grad(self.grads, self.params, parts, retain_graph=True, allow_unused=True)
-        return torch.cat([(o if o is not None else torch.zeros_like(p)).reshape(-1)
-                          for o, p in zip(out, self.params)])
 
 
 def _check(ok: bool, message: str) -> None:

@@ -18,10 +18,10 @@ def test_race_benchmark_quick(capsys):
 
 
 def test_selection_prefers_fewest_epochs_then_final_accuracy():
-    module = load_benchmark("race")
+    module = load_benchmark("harness")
     slow = module.Run({"lr": 1}, [(1.0, 10, 1.0, 0.5, 0.5), (2.0, 20, 2.0, 0.96, 0.95)])
     fast = module.Run({"lr": 2}, [(1.0, 10, 1.0, 0.96, 0.94), (2.0, 20, 2.0, 0.90, 0.91)])
     never = module.Run({"lr": 3}, [(1.0, 10, 1.0, 0.80, 0.80), (2.0, 20, 2.0, 0.94, 0.94)])
     assert module.select([slow, fast, never], 0.95).hp == {"lr": 2}
     assert module.select([never], 0.95).hp == {"lr": 3}
-    assert fast.first(0.95, 4) is None and slow.first(0.95, 4)[0] == 2.0
+    assert fast.first(0.95, module.TEST) is None and slow.first(0.95, module.TEST)[0] == 2.0

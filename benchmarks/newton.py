@@ -1,0 +1,111 @@
+"""Newton-type optimizers on mnist1d mini-batches against tuned SGD and Adam, and how much tuning each needs.
+
+For the MLP 40-256-256-10 and the Conv1d CNN, batch ``--batch-size`` (default 256), each
+method gets a grid over its two main knobs (the same number of configurations each):
+
+- SGD: learning rate x momentum; Adam: learning rate x beta1;
+- NewtonMR: damping x curvature fraction (initial step 1, Armijo backtracking);
+- TrustRegion: initial radius x curvature fraction; ARC: initial sigma x curvature fraction;
+
+the second-order methods each with the exact Hessian and the GGN (``curvature="hessian"`` /
+``"ggn"``), at most ``--max-iter`` curvature products per step (truncated solves, relative
+tolerance 1e-2). A run stops when both the validation and test accuracy reach the model's
+target or after ``--epochs`` epochs.
+
+(a) per method, its best configuration (fewest epochs to the target on validation): epochs,
+    gradient-equivalents (training seconds / seconds of one mini-batch gradient, measured in
+    the same run) and seconds to the target on the test set;
+(b) robustness: the fraction of each method's grid that reaches the target.
+
+Usage: ``python benchmarks/newton.py [--quick] [--epochs 4] [--samples 10000]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import curvopt
+from curvopt.models import cnn1d, mlp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import TEST, VAL, gradient_seconds, select, split, train  # noqa: E402
+
+MODELS = {"MLP 40-256-256-10": (mlp, 0.70), "CNN Conv1d": (cnn1d, 0.85)}  # (network, target accuracy)
+
+
+def methods(max_iter: int, quick: bool) -> dict[str, tuple]:
+    """``name -> (factory(params, hp), grid of hp)``; every grid has the same size."""
+    a, b = (slice(1, 2), slice(0, 1)) if quick else (slice(None), slice(None))
+    fractions = [0.1, 0.5][b]
+    solver = {"max_iter": max_iter, "rtol": 1e-2}
+    table: dict[str, tuple] = {
+        "SGD": (lambda params, hp: torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"]),
+                [{"lr": lr, "momentum": m} for lr in [0.03, 0.1, 0.3][a] for m in [0.5, 0.9][b]]),
+        "Adam": (lambda params, hp: torch.optim.Adam(params, lr=hp["lr"], betas=(hp["beta1"], 0.999)),
+                 [{"lr": lr, "beta1": m} for lr in [1e-3, 3e-3, 1e-2][a] for m in [0.5, 0.9][b]]),
+    }
+    for backend in ("hessian", "ggn"):
+        table[f"NewtonMR {backend}"] = (
+            lambda params, hp, c=backend: curvopt.NewtonMR(params, curvature=c, damping=hp["damping"],
+                                                           curvature_fraction=hp["fraction"], **solver),
+            [{"damping": d, "fraction": f} for d in [1e-3, 1e-2, 1e-1][a] for f in fractions])
+        table[f"TrustRegion {backend}"] = (
+            lambda params, hp, c=backend: curvopt.TrustRegion(params, curvature=c, radius=hp["radius"],
+                                                              curvature_fraction=hp["fraction"], **solver),
+            [{"radius": r, "fraction": f} for r in [0.1, 1.0, 10.0][a] for f in fractions])
+        table[f"ARC {backend}"] = (
+            lambda params, hp, c=backend: curvopt.ARC(params, curvature=c, sigma=hp["sigma"],
+                                                      curvature_fraction=hp["fraction"], **solver),
+            [{"sigma": s, "fraction": f} for s in [0.1, 1.0, 10.0][a] for f in fractions])
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    parser.add_argument("--samples", type=int, default=10000)
+    parser.add_argument("--epochs", type=float, default=4)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-iter", type=int, default=10)
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.epochs, args.max_iter = 1500, 0.5, 3
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    data, val = split(args.samples)
+    table = methods(args.max_iter, args.quick)
+    sizes = {len(grid) for _, grid in table.values()}
+    print(f"mnist1d: {len(data.y_train)} train, {len(val[1])} validation, {len(data.y_test)} test; batch "
+          f"{args.batch_size}; {sizes.pop()} configurations per method; at most {args.epochs:g} epochs")
+    results: dict = {}
+    for model_name in args.models.split(","):
+        model_fn, target = MODELS[model_name]
+        grad_s = gradient_seconds(model_fn, data, args.batch_size)
+        print(f"\n{model_name}: target {target:.0%}; one mini-batch gradient {grad_s * 1e3:.2f} ms")
+        print(f"{'method':<20} {'best configuration':<30} {'epochs':>7} {'grad-eq':>9} {'seconds':>8} "
+              f"{'grid reaching':>14}")
+        results[model_name] = {}
+        for name, (factory, grid) in table.items():
+            runs = [train(model_fn, factory, hp, data, val, batch_size=args.batch_size, max_epochs=args.epochs,
+                          stop_at=target) for hp in grid]
+            best = select(runs, target)
+            hit = best.first(target, TEST) if best.first(target, VAL) else None
+            reached = sum(r.first(target, TEST) is not None for r in runs)
+            row = {"hp": best.hp, "epochs": hit[0] if hit else None,
+                   "grad_equivalents": hit[2] / grad_s if hit else None, "seconds": hit[2] if hit else None,
+                   "best_test": max(c[TEST] for c in best.checkpoints) if best.checkpoints else 0.0,
+                   "robustness": reached / len(runs), "diverged": sum(r.diverged for r in runs)}
+            results[model_name][name] = row
+            config = ", ".join(f"{k}={v:g}" for k, v in best.hp.items())
+            cells = (f"{hit[0]:>7.2f} {hit[2] / grad_s:>9.0f} {hit[2]:>8.2f}" if hit
+                     else f"{'-':>7} {'-':>9} {'-':>8}")
+            print(f"{name:<20} {config:<30} {cells} {reached:>6}/{len(runs)} ({row['robustness']:.0%})")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The Hessian behind gradients that carry a graph (``loss.backward(create_graph=True)``).
+
+For closures that are plain functions of the parameters (``torch.optim.LBFGS`` style), the
+Newton-type optimizers cannot rebuild the loss on a batch; they multiply with the Hessian
+by differentiating the gradients once more. Like every second derivative in curvopt, that
+happens here in ``curvature/``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GraphHessian:
+    """The Hessian of a loss whose gradients were computed with ``create_graph=True``.
+
+    For plain closures (``loss.backward(create_graph=True)`` inside): products by double
+    backward through the parameters' ``.grad`` graphs, on the closure's whole batch.
+    """
+
+    def __init__(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        self.params, self.grads = params, grads
+        n = sum(p.numel() for p in params)
+        self.shape, self.dtype, self.device = (n, n), params[0].dtype, params[0].device
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:
+        if V.dim() == 2:
+            return torch.stack([self @ V[:, j] for j in range(V.shape[1])], dim=1)
+        parts = [t.view_as(p) for t, p in zip(V.split([p.numel() for p in self.params]), self.params)]
+        with torch.enable_grad():
+            out = torch.autograd.grad(self.grads, self.params, parts, retain_graph=True, allow_unused=True)
+        return torch.cat([(o if o is not None else torch.zeros_like(p)).reshape(-1)
+                          for o, p in zip(out, self.params)])
