@@ -15,9 +15,10 @@ target or after ``--epochs`` epochs.
 (a) per method, its best configuration (fewest epochs to the target on validation): epochs,
     gradient-equivalents (training seconds / seconds of one mini-batch gradient, measured in
     the same run) and seconds to the target on the test set;
+    and the best test accuracy that configuration saw;
 (b) robustness: the fraction of each method's grid that reaches the target.
 
-Usage: ``python benchmarks/newton.py [--quick] [--epochs 4] [--samples 10000]``
+Usage: ``python benchmarks/newton.py [--quick] [--epochs 6] [--samples 10000]``
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from curvopt.models import cnn1d, mlp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import TEST, VAL, gradient_seconds, select, split, train  # noqa: E402
 
-MODELS = {"MLP 40-256-256-10": (mlp, 0.70), "CNN Conv1d": (cnn1d, 0.85)}  # (network, target accuracy)
+MODELS = {"MLP 40-256-256-10": (mlp, 0.60), "CNN Conv1d": (cnn1d, 0.85)}  # (network, target accuracy)
 
 
 def methods(max_iter: int, quick: bool) -> dict[str, tuple]:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--samples", type=int, default=10000)
-    parser.add_argument("--epochs", type=float, default=4)
+    parser.add_argument("--epochs", type=float, default=6)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--max-iter", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         grad_s = gradient_seconds(model_fn, data, args.batch_size)
         print(f"\n{model_name}: target {target:.0%}; one mini-batch gradient {grad_s * 1e3:.2f} ms")
         print(f"{'method':<20} {'best configuration':<30} {'epochs':>7} {'grad-eq':>9} {'seconds':>8} "
-              f"{'grid reaching':>14}")
+              f"{'best acc':>8} {'grid reaching':>14}")
         results[model_name] = {}
         for name, (factory, grid) in table.items():
             runs = [train(model_fn, factory, hp, data, val, batch_size=args.batch_size, max_epochs=args.epochs,
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
             config = ", ".join(f"{k}={v:g}" for k, v in best.hp.items())
             cells = (f"{hit[0]:>7.2f} {hit[2] / grad_s:>9.0f} {hit[2]:>8.2f}" if hit
                      else f"{'-':>7} {'-':>9} {'-':>8}")
-            print(f"{name:<20} {config:<30} {cells} {reached:>6}/{len(runs)} ({row['robustness']:.0%})")
+            print(f"{name:<20} {config:<30} {cells} {row['best_test']:>8.3f} {reached:>6}/{len(runs)} "
+                  f"({row['robustness']:.0%})")
     return results
 
 
