@@ -38,7 +38,8 @@ class NewtonMR(SecondOrderOptimizer):
 
     Use ``step(curvopt.batch_closure(model, loss_fn, X, y))`` or a plain closure that calls
     ``loss.backward(create_graph=True)``. ``stats`` holds the solver iterations, stop reason,
-    step length and loss evaluations of the last step.
+    step length and loss evaluations of the last step; the group state's ``step_size`` is the
+    last accepted step length. ``lr`` follows ``torch.optim.lr_scheduler`` like any ``lr``.
     """
 
     _regularization_key = "step_size"
@@ -93,4 +94,5 @@ class NewtonMR(SecondOrderOptimizer):
             return False
         stats.trial_loss, stats.step_size = f, alpha
         stats.step_norm = alpha * float(torch.linalg.norm(d))
+        state["step_size"] = alpha
         return True

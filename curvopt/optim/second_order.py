@@ -42,7 +42,8 @@ class StepStats:
         step_norm: ``||Delta theta||`` of the accepted step (0 if rejected).
         step_size: Line-search step length (NewtonMR), else 1.
         evaluations: Loss evaluations of the closure in this step (including the first).
-        regularization: Trust radius (TrustRegion), sigma (ARC) or initial step (NewtonMR) after the update.
+        regularization: Trust radius (TrustRegion) or sigma (ARC) after the update; the last accepted
+            step length (NewtonMR).
     """
 
     loss: float

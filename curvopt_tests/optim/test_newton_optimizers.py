@@ -300,3 +300,30 @@ def test_nonfinite_loss_warns_and_leaves_parameters(cls):
         opt.step(graph_closure(opt, lambda x: (x**2).sum() * float("inf"), x))
     assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert not opt.stats.accepted
+
+
+def test_newton_mr_follows_lr_scheduler():
+    model, X, y = small_problem()
+    opt = curvopt.NewtonMR(model.parameters(), lr=1.0, curvature="ggn", damping=1e-2)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.25)
+    closure = curvopt.batch_closure(model, nn.CrossEntropyLoss(), X, y)
+    opt.step(closure)
+    scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.25
+    opt.step(closure)
+    assert opt.stats.step_size <= 0.25  # the line search starts from the scheduled lr
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_unused_parameters_and_zero_gradients(cls):
+    model, X, y = small_problem()
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = cls(list(model.parameters()) + [unused], curvature="ggn", damping=1e-2)
+    opt.step(curvopt.batch_closure(model, nn.CrossEntropyLoss(), X, y))  # unused has no gradient
+    assert torch.equal(unused.detach(), torch.ones(3, dtype=torch.float64))
+    # a loss that does not depend on the parameters at all: nothing to do, nothing moves
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    opt = cls([x])
+    run(opt, graph_closure(opt, lambda x: (x * 0).sum() + 1.0, x), 1)
+    assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert not opt.stats.accepted and opt.stats.stop_reason == "zero_rhs"
