@@ -27,7 +27,12 @@ class GraphHessian:
         if V.dim() == 2:
             return torch.stack([self @ V[:, j] for j in range(V.shape[1])], dim=1)
         parts = [t.view_as(p) for t, p in zip(V.split([p.numel() for p in self.params]), self.params)]
-        with torch.enable_grad():
-            out = torch.autograd.grad(self.grads, self.params, parts, retain_graph=True, allow_unused=True)
+        live = [i for i, g in enumerate(self.grads) if g.grad_fn is not None]  # constant gradients: zero rows
+        out: list = [None] * len(self.params)
+        if live:
+            with torch.enable_grad():
+                rows = torch.autograd.grad([self.grads[i] for i in live], self.params, [parts[i] for i in live],
+                                           retain_graph=True, allow_unused=True)
+            out = list(rows)
         return torch.cat([(o if o is not None else torch.zeros_like(p)).reshape(-1)
                           for o, p in zip(out, self.params)])

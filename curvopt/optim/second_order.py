@@ -58,6 +58,19 @@ class StepStats:
     regularization: float = 0.0
 
 
+def _graph_alive(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
+    """Whether the closure kept its graph (``create_graph=True``): then a gradient without a graph
+    is constant (its Hessian block is zero) rather than a forgotten ``create_graph``."""
+    if not isinstance(loss, torch.Tensor) or loss.grad_fn is None:
+        return False
+    try:
+        with torch.enable_grad():
+            torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -119,7 +132,8 @@ class SecondOrderOptimizer(Optimizer):
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         if not used:
             return value, None, []
-        if not isinstance(closure, BatchClosure) and need_graph and any(g.grad_fn is None for _, g in used):
+        if (not isinstance(closure, BatchClosure) and need_graph and any(g.grad_fn is None for _, g in used)
+                and not _graph_alive(loss, [p for p, _ in used])):
             raise ClosureError(
                 "this closure's gradients carry no graph, so the Hessian cannot be formed from them; "
                 "call loss.backward(create_graph=True) inside the closure, or pass "
