@@ -239,12 +239,13 @@ class KFAC(Optimizer):
         updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, update, grad)
         done: set[int] = set()
         identity: list[torch.Tensor] = []
+        biases = self._bias_ids()
         for p in group["params"]:
             if p.grad is None or id(p) in done:
                 continue
             module = self._layers.get(id(p))
             if module is None:
-                if not any(id(p) == id(m.bias) for m in self._layers.values() if m.bias is not None):
+                if id(p) not in biases:
                     identity.append(p)
                 continue
             state = self.state[p]
@@ -298,10 +299,24 @@ class KFAC(Optimizer):
             vg = float(torch.stack([(u * g).sum() for _, u, g in updates]).sum()) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
-        for p, u, _ in updates:
-            u = u * scale
-            if group["momentum"]:
-                buf = self.state[p].get("momentum_buffer")
-                u = u.clone() if buf is None else buf.mul_(group["momentum"]).add_(u)
+        params = [p for p, _, _ in updates]
+        steps = [u for _, u, _ in updates]
+        if scale != 1.0:
+            steps = torch._foreach_mul(steps, scale)
+        if group["momentum"]:  # buf = momentum * buf + u, batched over the group's tensors
+            old = [(self.state[p].get("momentum_buffer"), u) for p, u in zip(params, steps)]
+            bufs = [b for b, _ in old if b is not None]
+            if bufs:
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, [u for b, u in old if b is not None])
+            steps = [u.clone() if b is None else b for b, u in old]
+            for p, u in zip(params, steps):
                 self.state[p]["momentum_buffer"] = u
-            p.add_(u, alpha=-lr)
+        torch._foreach_add_(params, steps, alpha=-lr)
+
+    def _bias_ids(self) -> set[int]:
+        """``id`` of every recorded layer's bias (cached; the set of layers only grows)."""
+        if getattr(self, "_bias_count", -1) != len(self._layers):
+            self._bias_set = {id(m.bias) for m in self._layers.values() if m.bias is not None}
+            self._bias_count = len(self._layers)
+        return self._bias_set
