@@ -205,7 +205,7 @@ class KFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.stack([g.sum() for g in grads])).all()):  # one sync
+        if grads and not bool(torch.isfinite(torch.cat([g.reshape(-1) for g in grads])).all()):  # one sync
             warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
                           stacklevel=2)
             self._clear()
@@ -296,7 +296,9 @@ class KFAC(Optimizer):
             return
         scale = 1.0
         if group["kl_clip"] > 0 and lr > 0:
-            vg = float(torch.stack([(u * g).sum() for _, u, g in updates]).sum()) * lr**2
+            flat_u = torch.cat([u.reshape(-1) for _, u, _ in updates])
+            flat_g = torch.cat([g.reshape(-1) for _, _, g in updates])
+            vg = float(flat_u @ flat_g) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
         params = [p for p, _, _ in updates]
