@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 from curvopt.linalg.cubic import cubic_subproblem
-from curvopt.optim.second_order import SecondOrderOptimizer, StepStats, _check, common_defaults, round_off
+from curvopt.optim.second_order import SecondOrderOptimizer, StepStats, _check, common_defaults
 
 
 class ARC(SecondOrderOptimizer):
@@ -57,23 +56,9 @@ class ARC(SecondOrderOptimizer):
                  params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
         result = cubic_subproblem(op, g, state["sigma"], rtol=group["rtol"], max_iter=group["max_iter"],
                                   shift=group["damping"])
-        stats.solver_iterations, stats.stop_reason = result.iterations, result.reason
-        if result.reason == "zero_rhs":
-            return False
-        if result.reason == "nonfinite" and result.iterations <= 1:
-            self._on_failure(group, state)
-            return False
-        predicted = -float(result.model_value)
-        self._move(params, origin, result.x, 1.0)
-        f = self._trial_loss(closure)
-        stats.evaluations += 1
-        stats.trial_loss = f
-        if math.isfinite(f) and round_off(predicted, stats.loss):
-            # at a stationary point the ratio is noise: keep the sigma, take the step if it does no harm
-            stats.step_norm = float(torch.linalg.norm(result.x)) if f <= stats.loss else 0.0
-            return f <= stats.loss
-        rho = (stats.loss - f) / predicted if (math.isfinite(f) and predicted > 0) else -math.inf
-        stats.ratio = rho
+        rho = self._model_step_ratio(group, state, stats, closure, params, origin, result)
+        if isinstance(rho, bool):
+            return rho
         if rho >= group["eta2"]:
             state["sigma"] = max(state["sigma"] / group["gamma"], group["sigma_min"])
         elif rho < group["eta1"]:

@@ -253,6 +253,29 @@ class SecondOrderOptimizer(Optimizer):
                  params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
         raise NotImplementedError
 
+    def _model_step_ratio(self, group: dict, state: dict, stats: StepStats, closure: Any,
+                          params: list[torch.Tensor], origin: list[torch.Tensor], result: Any) -> float | bool:
+        """Try the subproblem step ``result.x`` (trust region, ARC): the ratio of actual to predicted
+        decrease, or the decision itself (a ``bool``) where no ratio applies: nothing to do, a solve
+        that failed at once, or a stationary point, where the ratio is round-off noise."""
+        stats.solver_iterations, stats.stop_reason = result.iterations, result.reason
+        if result.reason == "zero_rhs":
+            return False
+        if result.reason == "nonfinite" and result.iterations <= 1:
+            self._on_failure(group, state)
+            return False
+        predicted = -float(result.model_value)
+        self._move(params, origin, result.x, 1.0)
+        f = self._trial_loss(closure)
+        stats.evaluations += 1
+        stats.trial_loss = f
+        if math.isfinite(f) and round_off(predicted, stats.loss):
+            stats.step_norm = float(torch.linalg.norm(result.x)) if f <= stats.loss else 0.0
+            return f <= stats.loss
+        rho = (stats.loss - f) / predicted if (math.isfinite(f) and predicted > 0) else -math.inf
+        stats.ratio = rho
+        return rho
+
 
 def round_off(predicted: float, loss: float) -> bool:
     """Whether a predicted decrease is at the loss's round-off level (a stationary point)."""
