@@ -158,8 +158,19 @@ def loss_reduction(loss_fn: object, reduction: str | None = None) -> str:
     return r
 
 
+#: Functional losses accepted as their module counterparts with default options.
+FUNCTIONAL_LOSSES = {
+    F.cross_entropy: nn.CrossEntropyLoss,
+    F.mse_loss: nn.MSELoss,
+    F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
+}
+
+
 def loss_spec(loss_fn: object, backend: str, reduction: str | None = None) -> LossSpec:
     """The closed-form spec for ``loss_fn``, or an error naming the supported losses.
+
+    ``torch.nn.functional.cross_entropy``, ``mse_loss`` and ``binary_cross_entropy_with_logits``
+    are accepted too, as their modules with default options.
 
     Raises:
         UnsupportedLossError: for a loss type, reduction or loss option the Gauss-Newton
@@ -170,11 +181,14 @@ def loss_spec(loss_fn: object, backend: str, reduction: str | None = None) -> Lo
         nn.MSELoss: MSESpec,
         nn.BCEWithLogitsLoss: BCEWithLogitsSpec,
     }
+    module = next((m for f, m in FUNCTIONAL_LOSSES.items() if loss_fn is f), None)
+    if module is not None:  # F.cross_entropy & co. with their defaults (mean reduction)
+        loss_fn = module()
     spec_type = kinds.get(type(loss_fn))
     if spec_type is None:
         raise UnsupportedLossError(
             f"the {backend!r} curvature does not support the loss {type(loss_fn).__name__}; "
-            f"supported: {', '.join(f'torch.nn.{n}' for n in SUPPORTED_LOSSES)} "
+            f"supported: {', '.join(f'torch.nn.{n}' for n in SUPPORTED_LOSSES)} or their functional forms "
             "(use 'hessian' for any other twice-differentiable loss)"
         )
     _reject_options(loss_fn, backend)

@@ -127,3 +127,15 @@ def test_custom_block_errors(setup):
         curvopt.curvature("block_diagonal", model, loss, data, base="ggn", mc_samples=2)
     with pytest.raises(OptionError, match="cannot wrap itself"):
         curvopt.curvature("block_diagonal", model, loss, data, base="block_diagonal")
+
+
+@pytest.mark.parametrize("backend", ["ggn", "fisher", "kfac", "empirical_fisher"])
+def test_functional_losses_match_their_modules(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(12, 3, dtype=torch.float64), torch.randint(0, 3, (12,))
+    for functional, module, target in [(nn.functional.cross_entropy, nn.CrossEntropyLoss(), y),
+                                       (nn.functional.mse_loss, nn.MSELoss(), torch.randn(12, 3).double())]:
+        a = curvopt.curvature(backend, model, functional, (X, target)).to_dense()
+        b = curvopt.curvature(backend, model, module, (X, target)).to_dense()
+        torch.testing.assert_close(a, b)
