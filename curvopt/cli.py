@@ -50,13 +50,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"arch": "cnn1d", "seed": 0},
     "data": {"dataset": "mnist1d", "batch_size": 128},
-    "optimizer": {"name": "kfac", "lr": 0.05, "options": {}},
+    "optimizer": {"name": "kfac", "lr": 0.0, "options": {}},
     "train": {"epochs": 10},
     "output": {"dir": "runs/train", "progress": True},
 }
 ARCHS = ("cnn1d", "mlp")
 DATASETS = ("mnist1d", "digits")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
+#: ``lr`` when the config leaves it at 0: a sensible start per optimizer (1 = the full
+#: Newton / trust-region / cubic step).
+DEFAULT_LR = {"kfac": 0.05, "adam": 1e-3, "sgd": 0.05, "newton_mr": 1.0, "trust_region": 1.0, "arc": 1.0}
 OPTIMIZERS = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "newton_mr": NewtonMR,
               "trust_region": TrustRegion, "arc": ARC}
 
@@ -224,7 +227,7 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
 
 
 def _optimizer(config: dict[str, dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
-    name, lr = config["optimizer"]["name"], config["optimizer"]["lr"]
+    name, lr = config["optimizer"]["name"], config["optimizer"]["lr"] or DEFAULT_LR[config["optimizer"]["name"]]
     options = dict(config["optimizer"]["options"])
     factory = OPTIMIZERS[name]
     accepted = list(inspect.signature(factory.__init__).parameters)
@@ -233,8 +236,7 @@ def _optimizer(config: dict[str, dict[str, Any]], model: nn.Module) -> torch.opt
     if unknown:
         raise ConfigError(f"[optimizer] options for {name!r} has unknown key(s) {', '.join(map(repr, unknown))}; "
                           f"valid: {', '.join(valid)}")
-    if "lr" in accepted:  # trust_region and arc have no learning rate (radius, sigma instead)
-        options["lr"] = lr
+    options["lr"] = lr
     try:
         return factory(model.parameters(), **options)
     except (ValueError, TypeError) as e:
@@ -254,9 +256,8 @@ def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[di
     out.mkdir(parents=True, exist_ok=True)
     fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
     rows: list[dict[str, float]] = []
-    knob = "lr" if "lr" in optimizer.defaults else "radius" if "radius" in optimizer.defaults else "sigma"
     print(f"training {config['model']['arch']} on {config['data']['dataset']} with {config['optimizer']['name']} "
-          f"({knob} {optimizer.defaults[knob]}, batch {config['data']['batch_size']})")
+          f"(lr {optimizer.defaults['lr']}, batch {config['data']['batch_size']})")
     print("  ".join(f"{f:>10}" for f in fields))
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)

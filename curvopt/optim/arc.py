@@ -24,6 +24,8 @@ class ARC(SecondOrderOptimizer):
     Args:
         params: Parameters or parameter groups (each group has its own sigma).
         sigma: Initial cubic regularization weight (roughly the Hessian's Lipschitz constant / 2).
+        lr: Fraction of the cubic step taken (1 is ARC); the ratio test uses the model's decrease
+            along the shortened step. It is there for ``torch.optim.lr_scheduler``.
         sigma_min: Lower bound of sigma.
         eta1: Acceptance threshold of the ratio, in (0, 1).
         eta2: Very-successful threshold, in [eta1, 1).
@@ -35,16 +37,17 @@ class ARC(SecondOrderOptimizer):
     _regularization_key = "sigma"
     _initial_key = "sigma"
 
-    def __init__(self, params, sigma: float = 1.0, *, sigma_min: float = 1e-6, eta1: float = 0.1,
+    def __init__(self, params, sigma: float = 1.0, *, lr: float = 1.0, sigma_min: float = 1e-6, eta1: float = 0.1,
                  eta2: float = 0.9, gamma: float = 2.0, curvature: str = "hessian",
                  curvature_fraction: float = 1.0, curvature_options: dict | None = None, damping: float = 0.0,
                  rtol: float = 1e-4, max_iter: int = 100, seed: int = 0) -> None:
         _check(sigma > 0, f"sigma must be > 0, got {sigma!r}")
+        _check(0 < lr <= 1, f"lr must be in (0, 1], got {lr!r}")
         _check(0 < sigma_min <= sigma, f"sigma_min must be in (0, sigma], got {sigma_min!r}")
         _check(0 < eta1 < 1, f"eta1 must be in (0, 1), got {eta1!r}")
         _check(eta1 <= eta2 < 1, f"eta2 must be in [eta1, 1), got {eta2!r}")
         _check(gamma > 1, f"gamma must be > 1, got {gamma!r}")
-        defaults = dict(sigma=sigma, sigma_min=sigma_min, eta1=eta1, eta2=eta2, gamma=gamma,
+        defaults = dict(sigma=sigma, lr=lr, sigma_min=sigma_min, eta1=eta1, eta2=eta2, gamma=gamma,
                         **common_defaults(curvature, curvature_fraction, curvature_options, damping, rtol,
                                           max_iter, seed))
         super().__init__(params, defaults)
@@ -54,9 +57,10 @@ class ARC(SecondOrderOptimizer):
 
     def _propose(self, group: dict, state: dict, stats: StepStats, closure: Any, op: Any,
                  params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
-        result = cubic_subproblem(op, g, state["sigma"], rtol=group["rtol"], max_iter=group["max_iter"],
+        sigma = state["sigma"]
+        result = cubic_subproblem(op, g, sigma, rtol=group["rtol"], max_iter=group["max_iter"],
                                   shift=group["damping"])
-        rho = self._model_step_ratio(group, state, stats, closure, params, origin, result)
+        rho = self._model_step_ratio(group, state, stats, closure, params, origin, result, g, sigma)
         if isinstance(rho, bool):
             return rho
         if rho >= group["eta2"]:
@@ -64,6 +68,6 @@ class ARC(SecondOrderOptimizer):
         elif rho < group["eta1"]:
             state["sigma"] *= group["gamma"]
         if rho >= group["eta1"]:
-            stats.step_norm = float(torch.linalg.norm(result.x))
+            stats.step_norm = group["lr"] * float(torch.linalg.norm(result.x))
             return True
         return False

@@ -254,23 +254,32 @@ class SecondOrderOptimizer(Optimizer):
         raise NotImplementedError
 
     def _model_step_ratio(self, group: dict, state: dict, stats: StepStats, closure: Any,
-                          params: list[torch.Tensor], origin: list[torch.Tensor], result: Any) -> float | bool:
-        """Try the subproblem step ``result.x`` (trust region, ARC): the ratio of actual to predicted
-        decrease, or the decision itself (a ``bool``) where no ratio applies: nothing to do, a solve
-        that failed at once, or a stationary point, where the ratio is round-off noise."""
+                          params: list[torch.Tensor], origin: list[torch.Tensor], result: Any,
+                          g: torch.Tensor, sigma: float = 0.0) -> float | bool:
+        """Try ``lr`` times the subproblem step ``result.x`` (trust region, ARC): the ratio of actual to
+        predicted decrease, or the decision itself (a ``bool``) where no ratio applies: nothing to do,
+        a solve that failed at once, or a stationary point, where the ratio is round-off noise.
+
+        The model ``m(p) = g^T p + 1/2 p^T H p + sigma/3 ||p||^3`` is evaluated at ``lr * p`` from
+        ``m(p)``, ``g^T p`` and ``||p||`` (no further curvature product)."""
         stats.solver_iterations, stats.stop_reason = result.iterations, result.reason
         if result.reason == "zero_rhs":
             return False
         if result.reason == "nonfinite" and result.iterations <= 1:
             self._on_failure(group, state)
             return False
+        t = float(group["lr"])
         predicted = -float(result.model_value)
-        self._move(params, origin, result.x, 1.0)
+        if t != 1.0:
+            gp, norm = float(g @ result.x), float(torch.linalg.norm(result.x))
+            pHp = 2 * (float(result.model_value) - gp - sigma / 3 * norm**3)
+            predicted = -(t * gp + t * t / 2 * pHp + sigma / 3 * (t * norm) ** 3)
+        self._move(params, origin, result.x, t)
         f = self._trial_loss(closure)
         stats.evaluations += 1
         stats.trial_loss = f
         if math.isfinite(f) and round_off(predicted, stats.loss):
-            stats.step_norm = float(torch.linalg.norm(result.x)) if f <= stats.loss else 0.0
+            stats.step_norm = t * float(torch.linalg.norm(result.x)) if f <= stats.loss else 0.0
             return f <= stats.loss
         rho = (stats.loss - f) / predicted if (math.isfinite(f) and predicted > 0) else -math.inf
         stats.ratio = rho

@@ -24,6 +24,9 @@ class TrustRegion(SecondOrderOptimizer):
     Args:
         params: Parameters or parameter groups (each group has its own radius).
         radius: Initial trust-region radius.
+        lr: Fraction of the subproblem step taken (1 is the trust-region method); the ratio test
+            uses the model's decrease along the shortened step. It is there for
+            ``torch.optim.lr_scheduler`` (e.g. decaying the step late in stochastic training).
         max_radius: Upper bound of the radius.
         eta: Acceptance threshold of the ratio, in [0, 1/4).
         shrink: Radius factor after a poor step, in (0, 1).
@@ -35,16 +38,17 @@ class TrustRegion(SecondOrderOptimizer):
     _regularization_key = "radius"
     _initial_key = "radius"
 
-    def __init__(self, params, radius: float = 1.0, *, max_radius: float = 1e3, eta: float = 0.1,
+    def __init__(self, params, radius: float = 1.0, *, lr: float = 1.0, max_radius: float = 1e3, eta: float = 0.1,
                  shrink: float = 0.25, expand: float = 2.0, curvature: str = "hessian",
                  curvature_fraction: float = 1.0, curvature_options: dict | None = None, damping: float = 0.0,
                  rtol: float = 1e-4, max_iter: int = 100, seed: int = 0) -> None:
         _check(radius > 0, f"radius must be > 0, got {radius!r}")
+        _check(0 < lr <= 1, f"lr must be in (0, 1], got {lr!r}")
         _check(max_radius >= radius, f"max_radius must be >= radius, got {max_radius!r} < {radius!r}")
         _check(0 <= eta < 0.25, f"eta must be in [0, 0.25), got {eta!r}")
         _check(0 < shrink < 1, f"shrink must be in (0, 1), got {shrink!r}")
         _check(expand > 1, f"expand must be > 1, got {expand!r}")
-        defaults = dict(radius=radius, max_radius=max_radius, eta=eta, shrink=shrink, expand=expand,
+        defaults = dict(radius=radius, lr=lr, max_radius=max_radius, eta=eta, shrink=shrink, expand=expand,
                         **common_defaults(curvature, curvature_fraction, curvature_options, damping, rtol,
                                           max_iter, seed))
         super().__init__(params, defaults)
@@ -56,10 +60,10 @@ class TrustRegion(SecondOrderOptimizer):
                  params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
         radius = state["radius"]
         result = steihaug_cg(op, g, radius, rtol=group["rtol"], max_iter=group["max_iter"], shift=group["damping"])
-        rho = self._model_step_ratio(group, state, stats, closure, params, origin, result)
+        rho = self._model_step_ratio(group, state, stats, closure, params, origin, result, g)
         if isinstance(rho, bool):
             return rho
-        step_norm, f = float(torch.linalg.norm(result.x)), stats.trial_loss
+        step_norm, f = group["lr"] * float(torch.linalg.norm(result.x)), stats.trial_loss
         if rho < 0.25:
             state["radius"] = group["shrink"] * (step_norm if math.isfinite(f) and step_norm > 0 else radius)
         elif rho > 0.75 and step_norm >= 0.99 * radius:

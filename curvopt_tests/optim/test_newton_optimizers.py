@@ -327,3 +327,22 @@ def test_unused_parameters_and_zero_gradients(cls):
     run(opt, graph_closure(opt, lambda x: (x * 0).sum() + 1.0, x), 1)
     assert torch.equal(x.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert not opt.stats.accepted and opt.stats.stop_reason == "zero_rhs"
+
+
+@pytest.mark.parametrize("cls", [curvopt.TrustRegion, curvopt.ARC])
+def test_trust_region_and_arc_take_a_scheduled_fraction_of_the_step(cls):
+    # on a quadratic the model is exact, so a shortened step has ratio 1 and is accepted
+    A = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
+    b = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    kwargs = {"radius": 1e3} if cls is curvopt.TrustRegion else {"sigma": 1e-6}
+    opt = cls([x], lr=1.0, rtol=1e-13, **kwargs)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    scheduler.step()  # lr 0.5
+    f = graph_closure(opt, lambda x: 0.5 * x @ A @ x - b @ x, x)
+    run(opt, f, 1)
+    newton = torch.linalg.solve(A, b)
+    torch.testing.assert_close(x.detach(), 0.5 * newton, rtol=1e-5, atol=1e-8)
+    assert opt.stats.accepted and opt.stats.ratio == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="lr"):
+        cls([x], lr=1.5)
