@@ -50,6 +50,11 @@ def make_optimizer(name: str, params, hp: dict, schedule: dict | None = None):
     return torch.optim.SGD(params, lr=hp["lr"], momentum=0.9)
 
 
+def factory(name: str, schedule: dict):
+    """``make(params, hp)`` for the harness: optimizer ``name`` with K-FAC's ``schedule``."""
+    return lambda params, hp: make_optimizer(name, params, hp, schedule)
+
+
 def grids(configs: int) -> dict[str, list[dict]]:
     """``configs`` configurations per optimizer, log-spaced around the usual defaults."""
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     for model_name, model_fn in MODELS.items():
         results[model_name] = {}
         for opt_name, configs in grids(args.configs).items():
-            make = lambda params, hp, name=opt_name: make_optimizer(name, params, hp, schedule)  # noqa: E731
+            make = factory(opt_name, schedule)
             runs = [train(model_fn, make, hp, data, val, batch_size=128, max_epochs=args.epochs) for hp in configs]
             best = select(runs, targets[-1])
             hits = {t: best.first(t, TEST) for t in targets}
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
             iters = []
             for factor in (0.5, 1.0, 2.0):
                 hp = dict(base, lr=base["lr"] * factor * math.sqrt(b / 128))
-                make = lambda params, hp, name=opt_name: make_optimizer(name, params, hp, schedule)  # noqa: E731
+                make = factory(opt_name, schedule)
                 run = train(cnn1d, make, hp, data, val, batch_size=b, max_epochs=4 * args.epochs,
                             stop_at=target, max_steps=2000)
                 hit = run.first(target, TEST)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,10 +77,11 @@ def _check(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-class SecondOrderOptimizer(Optimizer):
+class SecondOrderOptimizer(Optimizer, ABC):
     """Base class; subclasses implement :meth:`_propose` (solve, try, accept or reject)."""
 
-    _regularization_key = "step_size"
+    _regularization_key = "step_size"  # the state entry the method adapts (radius, sigma, step length)
+    _initial_key = "lr"  # the hyperparameter it starts from
 
     def __init__(self, params, defaults: dict[str, Any]) -> None:
         name = defaults["curvature"]
@@ -111,14 +113,13 @@ class SecondOrderOptimizer(Optimizer):
             state[self._regularization_key] = float(group[self._initial_key])
         return state
 
-    _initial_key = "lr"
 
     # ------------------------------------------------------------------ evaluations
     @staticmethod
     def _active(group: dict) -> list[torch.Tensor]:
         return [p for p in group["params"] if p.requires_grad]
 
-    def _loss_and_grad(self, closure: Any, params: list[torch.Tensor], need_graph: bool
+    def _loss_and_grad(self, closure: Any, params: list[torch.Tensor]
                        ) -> tuple[float, list[torch.Tensor] | None, list[torch.Tensor]]:
         """``(loss, gradients, parameters that have one)``; gradients keep a graph for plain closures."""
         with torch.enable_grad():
@@ -132,7 +133,7 @@ class SecondOrderOptimizer(Optimizer):
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         if not used:
             return value, None, []
-        if (not isinstance(closure, BatchClosure) and need_graph and any(g.grad_fn is None for _, g in used)
+        if (not isinstance(closure, BatchClosure) and any(g.grad_fn is None for _, g in used)
                 and not _graph_alive(loss, [p for p, _ in used])):
             raise ClosureError(
                 "this closure's gradients carry no graph, so the Hessian cannot be formed from them; "
@@ -216,14 +217,14 @@ class SecondOrderOptimizer(Optimizer):
         active = self._active(group)
         if not active:
             return StepStats(loss=float("nan"), stop_reason="no_trainable_parameters")
-        loss, grads, params = self._loss_and_grad(closure, active, need_graph=True)
+        loss, grads, params = self._loss_and_grad(closure, active)
         stats = StepStats(loss=loss, regularization=state[self._regularization_key])
         if grads is None:
             stats.stop_reason = "zero_rhs"
             return stats
         if not math.isfinite(loss) or not all(bool(torch.isfinite(g).all()) for g in grads):
             stats.stop_reason = "nonfinite_loss" if not math.isfinite(loss) else "nonfinite_gradient"
-            self._reject(group, state, stats, warn=True)
+            self._reject(group, state, stats)
             return stats
         op, params, g = self._curvature(closure, group, params, grads, step)
         origin = [p.detach().clone() for p in params]
@@ -237,21 +238,23 @@ class SecondOrderOptimizer(Optimizer):
         stats.regularization = state[self._regularization_key]
         return stats
 
-    def _reject(self, group: dict, state: dict, stats: StepStats, warn: bool) -> None:
+    def _reject(self, group: dict, state: dict, stats: StepStats) -> None:
         """A non-finite loss/gradient/product: nothing moves; the method becomes more cautious."""
         state["rejected"] += 1
         self._on_failure(group, state)
         stats.regularization = state[self._regularization_key]
-        if warn:
-            warnings.warn(f"{type(self).__name__}: {stats.stop_reason.replace('_', ' ')}; step rejected, "
-                          "parameters unchanged", stacklevel=4)
+        warnings.warn(f"{type(self).__name__}: {stats.stop_reason.replace('_', ' ')}; step rejected, "
+                      "parameters unchanged", stacklevel=4)
 
     def _on_failure(self, group: dict, state: dict) -> None:
         """Shrink the radius / raise sigma (subclasses)."""
 
+    @abstractmethod
     def _propose(self, group: dict, state: dict, stats: StepStats, closure: Any, op: Any,
                  params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
-        raise NotImplementedError
+        """Solve the method's subproblem with ``op`` and gradient ``g`` (flat, in ``params`` order),
+        try the step from ``origin`` and return whether it is accepted (the caller restores
+        ``origin`` otherwise)."""
 
     def _model_step_ratio(self, group: dict, state: dict, stats: StepStats, closure: Any,
                           params: list[torch.Tensor], origin: list[torch.Tensor], result: Any,
