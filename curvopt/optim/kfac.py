@@ -62,8 +62,10 @@ class KFAC(Optimizer):
     with: they accumulate over several backward calls (gradient accumulation) and are
     dropped by ``zero_grad()`` and by a skipped step.
 
-    Parameters outside Kronecker layers (norm layers, embeddings, ...) are updated with
-    their plain gradient (an identity block), and one warning names them at the first step.
+    Parameters outside Kronecker layers (norm layers, embeddings, ...) get a diagonal block:
+    a moving average of ``N * grad**2`` (``N`` the samples their module saw since the last
+    step), the "square of the sum" estimate of the Fisher diagonal, which assumes ``grad`` is
+    the gradient of a mean loss. One warning names them at the first step.
     A non-finite gradient or factor skips the step: parameters, factors and counters stay
     as they were, and a warning says why.
     """
@@ -90,7 +92,8 @@ class KFAC(Optimizer):
         super().__init__(params, defaults)
         self._layers: dict[int, nn.Module] = {}  # id(weight) -> layer owning it
         self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
-        self._warned_identity = False
+        self._warned_diagonal = False
+        self._diag_counts: dict[int, tuple[int, str]] = {}  # id(param) -> (samples, "Module.name")
         self._mc = {"step": False}  # mc_backward was called for this step
         self.grad_scaler = grad_scaler
         me = weakref.ref(self)
@@ -113,7 +116,11 @@ class KFAC(Optimizer):
         return self._owned_map
 
     def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        if not isinstance(module, KRONECKER_LAYERS) or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            return
+        if not isinstance(module, KRONECKER_LAYERS):
+            if module._parameters:  # most modules own none: this hook runs on every forward
+                self._record_diagonal(module, inputs)
             return
         owned = self._owned()
         key = id(module.weight)
@@ -141,6 +148,17 @@ class KFAC(Optimizer):
 
         output.register_hook(on_grad)
 
+    def _record_diagonal(self, module: nn.Module, inputs: tuple) -> None:
+        """Count the samples seen by a module's own parameters (diagonal blocks): the leading
+        dimension of its first tensor input."""
+        owned = self._owned()
+        x = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+        n = x.shape[0] if x is not None and x.dim() > 0 else 1
+        for name, p in module._parameters.items():
+            if p is not None and id(p) in owned:
+                seen, _ = self._diag_counts.get(id(p), (0, ""))
+                self._diag_counts[id(p)] = (seen + n, f"{type(module).__name__}.{name}")
+
     @staticmethod
     @torch.no_grad()
     def _add_G(stats: dict, module: nn.Module, group: dict, grads: torch.Tensor, n: int) -> None:
@@ -163,6 +181,7 @@ class KFAC(Optimizer):
 
     def _clear(self) -> None:
         self._pending.clear()
+        self._diag_counts.clear()
         self._mc["step"] = False
 
     def mc_backward(self, outputs: torch.Tensor, loss_fn: Any, samples: int = 1,
@@ -238,7 +257,8 @@ class KFAC(Optimizer):
         lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
         updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, update, grad)
         done: set[int] = set()
-        identity: list[torch.Tensor] = []
+        diagonal: list[torch.Tensor] = []
+        plain: list[torch.Tensor] = []  # Kronecker layers before their first statistics
         biases = self._bias_ids()
         for p in group["params"]:
             if p.grad is None or id(p) in done:
@@ -246,7 +266,7 @@ class KFAC(Optimizer):
             module = self._layers.get(id(p))
             if module is None:
                 if id(p) not in biases:
-                    identity.append(p)
+                    diagonal.append(p)
                 continue
             state = self.state[p]
             if id(p) in new:
@@ -256,7 +276,7 @@ class KFAC(Optimizer):
                 state["A"] = A.clone() if first else decay * state["A"] + (1 - decay) * A
                 state["G"] = G.clone() if first else decay * state["G"] + (1 - decay) * G
             if "A" not in state:  # no statistics yet: plain gradient step for this layer
-                identity.append(p)
+                plain.append(p)
                 continue
             step = state.get("step", 0)
             if "eig_A" not in state or step % group["inverse_every"] == 0:
@@ -285,13 +305,8 @@ class KFAC(Optimizer):
                 updates.append((bias, R[:, d_w], gb))
                 done.add(id(bias))
             state["step"] = step + 1
-        if identity and not self._warned_identity:
-            self._warned_identity = True
-            names = ", ".join(f"{tuple(p.shape)}" for p in identity)
-            warnings.warn(f"KFAC: parameters of shapes {names} are not in a Linear/Conv1d/Conv2d layer; they get "
-                          "an identity block (their plain gradient)", stacklevel=4)
-        for p in identity:
-            updates.append((p, p.grad + wd * p if wd else p.grad, p.grad))
+        updates += self._diagonal_updates(group, diagonal)
+        updates += [(p, p.grad + wd * p if wd else p.grad, p.grad) for p in plain]
         if not updates:
             return
         scale = 1.0
@@ -315,6 +330,33 @@ class KFAC(Optimizer):
             for p, u in zip(params, steps):
                 self.state[p]["momentum_buffer"] = u
         torch._foreach_add_(params, steps, alpha=-lr)
+
+    def _diagonal_updates(self, group: dict, params: list[torch.Tensor]) -> list[tuple]:
+        """``(param, (grad + wd * param) / (D + damping), grad)`` for parameters without a Kronecker
+        structure, ``D`` a moving average of ``N * grad**2`` updated every ``factor_every`` steps."""
+        if not params:
+            return []
+        if not self._warned_diagonal:
+            self._warned_diagonal = True
+            names = ", ".join(f"{self._diag_counts.get(id(p), (0, 'parameter'))[1]} {tuple(p.shape)}"
+                              for p in params)
+            warnings.warn(f"KFAC: {names} not in a Linear/Conv1d/Conv2d layer; they get a diagonal block "
+                          "(moving average of N * grad**2)", stacklevel=5)
+        fallback = max([n for n, _ in self._diag_counts.values()]
+                       + [stats["a_count"] for stats in self._pending.values()] + [1])
+        wd, decay = group["weight_decay"], group["factor_decay"]
+        out = []
+        for p in params:
+            state = self.state[p]
+            step = state.get("step", 0)
+            if step % group["factor_every"] == 0:
+                n = self._diag_counts.get(id(p), (fallback, ""))[0]
+                D = p.grad.square() * n
+                state["diag"] = D if "diag" not in state else decay * state["diag"] + (1 - decay) * D
+            state["step"] = step + 1
+            grad = p.grad + wd * p if wd else p.grad
+            out.append((p, grad / (state["diag"] + group["damping"]), grad))
+        return out
 
     def _bias_ids(self) -> set[int]:
         """``id`` of every recorded layer's bias (cached; the set of layers only grows)."""

@@ -53,24 +53,35 @@ def test_kfac_trains_mnist1d_cnn_to_stated_accuracy():
     assert acc >= 0.75  # measured 0.859 with this seed; Adam(lr=3e-3) reached 0.573 in the same 3 epochs
 
 
-def test_state_dict_round_trip_continues_bitwise():
+def _norm_mlp():
+    return nn.Sequential(nn.Linear(40, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 10))
+
+
+@pytest.mark.parametrize("make", [lambda: cnn1d(channels=4), _norm_mlp], ids=["cnn", "layernorm-mlp"])
+def test_state_dict_round_trip_continues_bitwise(make):
     torch.manual_seed(0)
-    model = cnn1d(channels=4)
+    model = make()
     opt = curvopt.KFAC(model.parameters(), inverse_every=3)
     batches = _batches(6)
-    _train(model, opt, batches[:3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the diagonal-block warning of the LayerNorm model
+        _train(model, opt, batches[:3])
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
-    resumed = cnn1d(channels=4)
+    resumed = make()
     resumed.load_state_dict(saved["model"])
     ropt = curvopt.KFAC(resumed.parameters(), inverse_every=3)
     ropt.load_state_dict(saved["opt"])
-    w = resumed[1].weight
-    assert ropt.state[w]["A"].dtype == opt.state[model[1].weight]["A"].dtype
-    _train(model, opt, batches[3:])
-    _train(resumed, ropt, batches[3:])
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for key in ("A", "G", "diag"):
+            if key in opt.state[p]:
+                assert ropt.state[q][key].dtype == opt.state[p][key].dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _train(model, opt, batches[3:])
+        _train(resumed, ropt, batches[3:])
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -148,15 +159,36 @@ def test_gradient_accumulation_averages_the_input_factor_over_all_samples():
     torch.testing.assert_close(opt.state[model[0].weight]["A"], a.T @ a / 64)
 
 
-def test_identity_block_for_other_layers_warns_once():
+def test_diagonal_block_for_other_layers_warns_once_naming_them():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 8), nn.LayerNorm(8), nn.Linear(8, 10))
+    model = _norm_mlp()
     opt = curvopt.KFAC(model.parameters())
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         _train(model, opt, _batches(2))
-    messages = [str(w.message) for w in rec if "identity block" in str(w.message)]
-    assert len(messages) == 1 and "(8,)" in messages[0]
+    messages = [str(w.message) for w in rec if "diagonal block" in str(w.message)]
+    assert len(messages) == 1 and "LayerNorm.weight (8,)" in messages[0] and "LayerNorm.bias (8,)" in messages[0]
+
+
+def test_diagonal_block_is_a_moving_average_of_n_grad_squared():
+    """Parameters outside Kronecker layers: update (g + wd p) / (D + damping), D = EMA of N g^2."""
+    torch.manual_seed(0)
+    model = _norm_mlp()
+    lr, damping, decay, wd = 0.1, 1e-2, 0.9, 1e-3
+    opt = curvopt.KFAC(model.parameters(), lr=lr, damping=damping, factor_decay=decay, weight_decay=wd,
+                       kl_clip=0, momentum=0)
+    w = model[1].weight
+    D = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for X, y in _batches(2):  # batches of 64
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            g, before = w.grad.clone(), w.detach().clone()
+            D = 64 * g**2 if D is None else decay * D + (1 - decay) * 64 * g**2
+            opt.step()
+            torch.testing.assert_close(w.detach(), before - lr * (g + wd * before) / (D + damping))
+    torch.testing.assert_close(opt.state[w]["diag"], D)
 
 
 def test_bad_hyperparameters():
