@@ -58,7 +58,7 @@ for name, make in runs.items():
 # %% [markdown]
 # ## What the optimizer holds
 # Per layer, the moving averages of the factors `A` (input second moment, with a 1 for
-# the bias) and `G` (output-gradient second moment), and their eigendecompositions.
+# the bias) and `G` (output-gradient second moment), and their largest eigenvalues.
 
 # %%
 model, optimizer = results["KFAC"]
@@ -66,8 +66,8 @@ for name, module in model.named_modules():
     if isinstance(module, (nn.Linear, nn.Conv1d)):
         state = optimizer.state[module.weight]
         print(f"layer {name}: A {tuple(state['A'].shape)}, G {tuple(state['G'].shape)}, "
-              f"steps {state['step']}, largest eigenvalues A {state['eig_A'][0][-1]:.3g}, "
-              f"G {state['eig_G'][0][-1]:.3g}")
+              f"steps {state['step']}, largest eigenvalues A {torch.linalg.eigvalsh(state['A'])[-1]:.3g}, "
+              f"G {torch.linalg.eigvalsh(state['G'])[-1]:.3g}")
 
 # %% [markdown]
 # ## The same curvature as an operator

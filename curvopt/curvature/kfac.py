@@ -77,6 +77,10 @@ def output_factor(g: torch.Tensor, approx: str) -> torch.Tensor:
     return g.T @ g
 
 
+def _pi(mean_eig_A: torch.Tensor, mean_eig_G: torch.Tensor) -> torch.Tensor:
+    return ((mean_eig_A / mean_eig_G.clamp_min(1e-30)).clamp_min(1e-30)).sqrt()
+
+
 def factored_inverses(
     eig_A: tuple[torch.Tensor, torch.Tensor], eig_G: tuple[torch.Tensor, torch.Tensor], damping: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,10 +88,28 @@ def factored_inverses(
     of ``A`` and ``G``, with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``: the factored Tikhonov
     damping of Martens & Grosse (2015, section 6.3)."""
     (la, Qa), (lg, Qg) = eig_A, eig_G
-    pi = ((la.mean() / lg.mean().clamp_min(1e-30)).clamp_min(1e-30)).sqrt()
+    pi = _pi(la.mean(), lg.mean())
     A_inv = (Qa / (la + pi * damping**0.5)) @ Qa.T
     G_inv = (Qg / (lg + damping**0.5 / pi)) @ Qg.T
     return A_inv, G_inv
+
+
+def factored_inverses_cholesky(
+    A: torch.Tensor, G: torch.Tensor, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The :func:`factored_inverses` from the factors themselves, by Cholesky (several times
+    cheaper than an eigendecomposition); a factor that is not numerically positive definite
+    after damping falls back to its eigendecomposition with the eigenvalues clamped at 0."""
+    pi = _pi(A.diagonal().mean(), G.diagonal().mean())
+    return _damped_inverse(A, pi * damping**0.5), _damped_inverse(G, damping**0.5 / pi)
+
+
+def _damped_inverse(M: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    L, info = torch.linalg.cholesky_ex(M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
+    if int(info) == 0:
+        return torch.cholesky_inverse(L)
+    lam, Q = torch.linalg.eigh(M)
+    return (Q / (lam.clamp_min(0.0) + shift)) @ Q.T
 
 
 def kronecker_solve(

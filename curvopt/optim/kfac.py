@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from curvopt.curvature.kfac import (
     APPROXIMATIONS,
     KRONECKER_LAYERS,
-    factored_inverses,
+    factored_inverses_cholesky,
     input_factor,
     kronecker_solve,
     layer_inputs,
@@ -31,6 +31,15 @@ from curvopt.curvature.kfac import (
     output_factor,
 )
 from curvopt.curvature.losses import loss_spec
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry is finite, with one synchronisation. The sum of 2-norms is cheap
+    (no concatenation); it also overflows for entries beyond ~1e19, so only a non-finite sum
+    is confirmed entry by entry."""
+    if bool(torch.stack(torch._foreach_norm(tensors)).sum().isfinite()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 class KFAC(Optimizer):
@@ -44,7 +53,8 @@ class KFAC(Optimizer):
         weight_decay: L2 penalty added to the gradient before preconditioning.
         factor_decay: Exponential moving average of the Kronecker factors.
         factor_every: Update the factors every this many steps.
-        inverse_every: Recompute the factors' eigendecompositions every this many steps.
+        inverse_every: Recompute the damped factor inverses (by Cholesky; eigendecompositions
+            when ``factored_damping=False``) every this many steps.
         kl_clip: Scale the update so that ``lr^2 * sum(update . grad) <= kl_clip``
             (Ba et al., 2017); ``0`` disables it.
         factored_damping: Split ``lambda`` between the factors with the pi rule of
@@ -94,7 +104,7 @@ class KFAC(Optimizer):
         self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
         self._warned_diagonal = False
         self._diag_counts: dict[int, tuple[int, str]] = {}  # id(param) -> (samples, "Module.name")
-        self._mc = {"step": False}  # mc_backward was called for this step
+        self._mc = {"step": False, "forward": False}  # mc_backward called / a recorded layer ran
         self.grad_scaler = grad_scaler
         me = weakref.ref(self)
 
@@ -127,6 +137,7 @@ class KFAC(Optimizer):
         if key not in owned or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         group, weight = owned[key]
+        self._mc["forward"] = True
         if self.state[weight].get("step", 0) % group["factor_every"] != 0:
             return
         self._layers[key] = module
@@ -182,7 +193,7 @@ class KFAC(Optimizer):
     def _clear(self) -> None:
         self._pending.clear()
         self._diag_counts.clear()
-        self._mc["step"] = False
+        self._mc["step"] = self._mc["forward"] = False
 
     def mc_backward(self, outputs: torch.Tensor, loss_fn: Any, samples: int = 1,
                     generator: torch.Generator | None = None) -> None:
@@ -203,6 +214,8 @@ class KFAC(Optimizer):
         spec = loss_spec(loss_fn, "KFAC.mc_backward")
         records = [(stats, *rec) for stats in self._pending.values() for rec in stats["outputs"]]
         if not records:
+            if self._mc.get("forward"):
+                return  # no layer updates its factors at this step (factor_every)
             raise RuntimeError("mc_backward needs a forward pass through the optimizer's layers with "
                                "gradients enabled since the last zero_grad()/step()")
         with torch.no_grad():
@@ -224,7 +237,7 @@ class KFAC(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.isfinite(torch.cat([g.reshape(-1) for g in grads])).all()):  # one sync
+        if grads and not _all_finite(grads):
             warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
                           stacklevel=2)
             self._clear()
@@ -279,15 +292,17 @@ class KFAC(Optimizer):
                 plain.append(p)
                 continue
             step = state.get("step", 0)
-            if "eig_A" not in state or step % group["inverse_every"] == 0:
+            refresh = step % group["inverse_every"] == 0
+            if group["factored_damping"]:
+                # explicit damped inverses by Cholesky: two matmuls per step; a damping changed by
+                # a scheduler takes effect at once, from the current factors
+                if refresh or "inv_A" not in state or state["inv_damping"] != damping:
+                    state["inv_A"], state["inv_G"] = factored_inverses_cholesky(state["A"], state["G"], damping)
+                    state["inv_damping"] = damping
+            elif refresh or "eig_A" not in state:
                 for name in ("A", "G"):
                     lam, Q = torch.linalg.eigh(state[name])
                     state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
-                state.pop("inv_damping", None)
-            if group["factored_damping"] and state.get("inv_damping") != damping:
-                # explicit damped inverses: two matmuls per step instead of four
-                state["inv_A"], state["inv_G"] = factored_inverses(state["eig_A"], state["eig_G"], damping)
-                state["inv_damping"] = damping
             bias = module.bias if module.bias is not None and module.bias.grad is not None else None
             gw = p.grad + wd * p if wd else p.grad
             M = gw.reshape(gw.shape[0], -1)
@@ -311,9 +326,8 @@ class KFAC(Optimizer):
             return
         scale = 1.0
         if group["kl_clip"] > 0 and lr > 0:
-            flat_u = torch.cat([u.reshape(-1) for _, u, _ in updates])
-            flat_g = torch.cat([g.reshape(-1) for _, _, g in updates])
-            vg = float(flat_u @ flat_g) * lr**2
+            dots = [torch.vdot(u.reshape(-1), g.reshape(-1)) for _, u, g in updates]
+            vg = float(torch.stack(dots).sum()) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
         params = [p for p, _, _ in updates]

@@ -191,6 +191,34 @@ def test_diagonal_block_is_a_moving_average_of_n_grad_squared():
     torch.testing.assert_close(opt.state[w]["diag"], D)
 
 
+@pytest.mark.parametrize("factored", [True, False])
+def test_update_is_the_damped_kronecker_solve(factored):
+    """One step moves each layer by -lr (G + sqrt(d)/pi I)^-1 M (A + pi sqrt(d) I)^-1 (factored
+    damping, pi from the traces) or by -lr (A x G + d I)^-1 vec(M), M = [grad W | grad b]."""
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10)).double()
+    d = 0.05
+    opt = curvopt.KFAC(model.parameters(), lr=1.0, damping=d, momentum=0, kl_clip=0, factored_damping=factored)
+    X, y = _batches(1)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X.double()), y).backward()
+    layers = [model[0], model[2]]
+    before = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in layers]
+    M = [torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) for m in layers]
+    opt.step()
+    for m, (w0, b0), Mi in zip(layers, before, M):
+        A, G = opt.state[m.weight]["A"], opt.state[m.weight]["G"]
+        if factored:
+            pi = ((A.trace() / A.shape[0]) / (G.trace() / G.shape[0])).sqrt()
+            U = torch.linalg.solve(G + d**0.5 / pi * torch.eye(G.shape[0], dtype=G.dtype), Mi)
+            U = torch.linalg.solve(A + pi * d**0.5 * torch.eye(A.shape[0], dtype=A.dtype), U.T).T
+        else:  # column-major vec: (A x G) vec(X) = vec(G X A)
+            K = torch.kron(A, G) + d * torch.eye(A.shape[0] * G.shape[0], dtype=A.dtype)
+            U = torch.linalg.solve(K, Mi.T.reshape(-1)).reshape(A.shape[0], G.shape[0]).T
+        torch.testing.assert_close(m.weight.detach(), w0 - U[:, :-1])
+        torch.testing.assert_close(m.bias.detach(), b0 - U[:, -1])
+
+
 def test_bad_hyperparameters():
     p = [nn.Parameter(torch.zeros(2))]
     with pytest.raises(ValueError, match="damping must be > 0"):
@@ -265,6 +293,25 @@ def test_mc_backward_without_a_forward_is_an_error():
     opt = curvopt.KFAC(mlp((40, 8, 10)).parameters())
     with pytest.raises(RuntimeError, match="needs a forward pass"):
         opt.mc_backward(torch.zeros(2, 10), nn.CrossEntropyLoss())
+
+
+def test_mc_backward_between_factor_updates_is_a_no_op():
+    """With factor_every > 1, the one extra line stays in the loop: on steps without a factor
+    update it records nothing (and raises nothing)."""
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10))
+    opt = curvopt.KFAC(model.parameters(), factor_every=2)
+    loss_fn = nn.CrossEntropyLoss()
+    seen = []
+    for X, y in _batches(4):
+        opt.zero_grad()
+        out = model(X)
+        opt.mc_backward(out, loss_fn, generator=torch.Generator().manual_seed(0))
+        loss_fn(out, y).backward()
+        opt.step()
+        seen.append(opt.state[model[0].weight]["G"].clone())
+    # factors move at steps 0 and 2 only
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2]) and torch.equal(seen[2], seen[3])
 
 
 def test_close_removes_the_hook():
