@@ -12,7 +12,8 @@ def test_race_benchmark_quick(capsys):
         for name in ("KFAC", "Adam", "SGD"):
             row = results[model][name]
             assert 0.0 <= row["final"] <= 1.0 and row["steps"] > 0 and row["seconds"] > 0
-        assert results[model]["step_cost"]["ratio"] > 0
+        cost = results[model]["step_cost"]
+        assert cost["ratio"] > 0 and cost["precondition_ms"] > 0 and cost["floor"] > 1
     assert set(results["batch_scaling"]) == {64, 256}
     assert "(c) CNN iterations" in capsys.readouterr().out
 
