@@ -77,13 +77,17 @@ def eigen_costs(op, ref, k, max_steps, seed):
     """Products until every one of the top-k estimates is within 1e-3 of ``ref``."""
     g = torch.Generator().manual_seed(seed)
     v0 = torch.randn(op.shape[0], generator=g, dtype=torch.float64).to(op.dtype)
-    alpha, beta, _ = lanczos_tridiagonal(op, v0, max_steps)
-    lz_err = []
-    for m in range(k, alpha.shape[0] + 1):
-        est = ritz_top(alpha, beta, m, k).to(ref.dtype)
-        lz_err.append(float(((est - ref[:k]).abs() / ref[:k].abs()).max()))
-    lz = first_within(lz_err, 1e-3)
-    lz = None if lz is None else lz + k - 1
+    lz = None
+    for steps in sorted({min(40, max_steps), max_steps}):  # a short run first: 1e-3 comes early
+        alpha, beta, _ = lanczos_tridiagonal(op, v0, steps)
+        lz_err = []
+        for m in range(k, alpha.shape[0] + 1):
+            est = ritz_top(alpha, beta, m, k).to(ref.dtype)
+            lz_err.append(float(((est - ref[:k]).abs() / ref[:k].abs()).max()))
+        lz = first_within(lz_err, 1e-3)
+        if lz is not None:
+            lz += k - 1
+            break
     power = None
     if k == 1:  # power iteration from the same start vector, Rayleigh quotient per product
         v = v0 / v0.norm()
