@@ -133,6 +133,23 @@ def test_non_finite_gradient_skips_the_step_and_warns():
         assert torch.equal(v, opt.state[model[0].weight][k])
 
 
+def test_huge_finite_gradient_is_not_taken_for_non_finite():
+    """The finiteness check sums 2-norms, which overflow for entries beyond ~1e19; such a
+    gradient is finite and the step must be taken."""
+    torch.manual_seed(0)
+    model = mlp((40, 16, 10))
+    opt = curvopt.KFAC(model.parameters(), lr=1e-30, kl_clip=0, momentum=0)
+    X, y = _batches(1)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    model[2].bias.grad[0] = 1e30
+    before = model[2].bias.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-finite gradient" warning
+        opt.step()
+    assert not torch.equal(before, model[2].bias.detach())
+
+
 def test_singular_factors_are_handled_by_damping():
     torch.manual_seed(0)
     model = mlp((40, 8, 10))
