@@ -22,6 +22,7 @@ from torch.func import functional_call, vmap
 from curvopt.curvature.data_loop import accumulate, batch_size, check_data, to_model
 from curvopt.curvature.losses import loss_reduction
 from curvopt.curvature.params import Block, custom_blocks, module_blocks, select_parameters
+from curvopt.curvature.solve import KRYLOV_METHODS, krylov_solve
 from curvopt.errors import OptionError, ShapeError
 
 TensorList = list[torch.Tensor]
@@ -64,6 +65,8 @@ class CurvatureOperator(ABC):
     name: ClassVar[str] = ""
     #: Values the ``cache`` option accepts.
     cache_modes: ClassVar[tuple[Any, ...]] = (False, True)
+    #: Methods :meth:`solve` accepts; the first is the default.
+    solve_methods: ClassVar[tuple[str, ...]] = KRYLOV_METHODS
 
     def __init__(
         self,
@@ -141,22 +144,77 @@ class CurvatureOperator(ABC):
 
         Returns the same format as the input, in the operator's dtype and device.
         """
-        if isinstance(x, torch.Tensor):
-            if x.dim() == 1 and x.shape[0] == self.shape[0]:
-                return self.matmat(x.unsqueeze(1)).squeeze(1)
-            if x.dim() == 2 and x.shape[0] == self.shape[0]:
-                return self.matmat(x)
-            raise ShapeError(
-                f"{type(self).__name__} has shape {self.shape}: expected a vector of shape "
-                f"({self.shape[0]},) or a matrix of shape ({self.shape[0]}, k), got "
-                f"{tuple(x.shape)}"
-            )
         if isinstance(x, (list, tuple)):
             V = self._check_list(x)
             return [r.squeeze(0) for r in self._matmat_list([v.unsqueeze(0) for v in V])]
-        raise TypeError(
-            f"cannot multiply {type(self).__name__} with {type(x).__name__}; use a tensor "
-            "of shape [P] or [P, k], or a list of tensors shaped like the parameters"
+        B, restore = self._columns(x, "multiply")
+        return restore(self.matmat(B))
+
+    def solve(
+        self,
+        b: torch.Tensor | Sequence[torch.Tensor],
+        *,
+        damping: float = 0.0,
+        method: str | None = None,
+        rtol: float = 1e-6,
+        max_iter: int | None = None,
+    ) -> Any:
+        """``(A + damping I)^{-1} b`` for ``b`` ``[P]``, ``[P, k]`` or a parameter-shaped list.
+
+        Matrix-free: a Krylov solver of :mod:`curvopt.linalg` from ``x0 = 0``, one column at
+        a time. ``"minres"`` (the default) handles indefinite and singular operators (for a
+        singular one, the minimum-norm least-squares solution); ``"cg"`` needs ``A + damping I``
+        positive definite. Backends with an explicit inverse add their own method (``kfac``:
+        ``"kronecker"``, the default there). A column that stops short of ``rtol`` (iteration
+        cap, negative curvature for CG, non-finite product) is returned with a warning that
+        says why; for the full record call the solver itself (e.g. :func:`curvopt.linalg.minres`).
+
+        Args:
+            b: Right-hand side(s).
+            damping: Tikhonov damping ``>= 0`` added to the diagonal.
+            method: One of ``op.solve_methods``.
+            rtol: Relative residual tolerance ``||b - (A + damping I) x|| <= rtol ||b||``.
+            max_iter: Cap on products per column (default ``2 P``).
+
+        Returns:
+            The solution in the format of ``b``, in the operator's dtype and device.
+        """
+        method = self.solve_methods[0] if method is None else method
+        if method not in self.solve_methods:
+            raise OptionError(
+                f"{type(self).__name__}.solve: method={method!r}; valid: {', '.join(self.solve_methods)}"
+            )
+        if not damping >= 0:
+            raise OptionError(f"{type(self).__name__}.solve: damping must be >= 0, got {damping!r}")
+        if isinstance(b, (list, tuple)):
+            B = self.flatten([t.unsqueeze(0) for t in self._check_list(b)]).T
+            X = self._solve_columns(B, float(damping), method, rtol, max_iter)
+            return [r.squeeze(0) for r in self.unflatten(X.T)]
+        B, restore = self._columns(b, "solve")
+        return restore(self._solve_columns(B, float(damping), method, rtol, max_iter))
+
+    def _solve_columns(
+        self, B: torch.Tensor, damping: float, method: str, rtol: float, max_iter: int | None
+    ) -> torch.Tensor:
+        """``[P, k]`` solutions; backends with an explicit inverse override this."""
+        return krylov_solve(self, B, damping, method, rtol, max_iter)
+
+    def _columns(self, x: Any, verb: str) -> tuple[torch.Tensor, Any]:
+        """A tensor ``[P]`` or ``[P, k]`` as ``[P, k]`` columns, and the map that restores its format."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"cannot {verb} {type(self).__name__} with {type(x).__name__}; use a tensor "
+                "of shape [P] or [P, k], or a list of tensors shaped like the parameters"
+            )
+        if x.dim() in (1, 2) and x.shape[0] == self.shape[0]:
+            B = x.to(device=self.device, dtype=self.dtype)
+            if x.dim() == 1:
+                return B.unsqueeze(1), lambda R: R.squeeze(1)
+            return B, lambda R: R
+        raise ShapeError(
+            f"{type(self).__name__} has shape {self.shape}: expected a vector of shape "
+            f"({self.shape[0]},) or a matrix of shape ({self.shape[0]}, k), got "
+            f"{tuple(x.shape)}"
         )
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from curvopt.curvature.base import CurvatureOperator, TensorList
 from curvopt.curvature.data_loop import accumulate
 from curvopt.curvature.losses import LossSpec, loss_spec
 from curvopt.curvature.registry import register_curvature
+from curvopt.curvature.solve import KRYLOV_METHODS
 from curvopt.errors import OptionError, ParameterError
 
 FISHER_TYPES = ("type2", "mc", "empirical")
@@ -159,7 +160,12 @@ class KFACOperator(CurvatureOperator):
     diagonal block, the exact diagonal of the same Fisher type from per-sample products
     (one warning names them); their layers must treat samples independently (e.g.
     ``BatchNorm`` in eval mode).
+
+    ``op.solve(b, damping=d)`` applies ``(K + d I)^{-1}`` exactly through the factors
+    (``method="kronecker"``, the default; needs ``d > 0``); ``"minres"`` and ``"cg"`` also work.
     """
+
+    solve_methods = ("kronecker", *KRYLOV_METHODS)
 
     def __init__(self, model, loss_fn, data, *, fisher_type: str = "type2", kfac_approx: str = "expand",
                  mc_samples: int = 1, seed: int = 0, **options: Any) -> None:
@@ -323,6 +329,13 @@ class KFACOperator(CurvatureOperator):
         for i, d in self.diagonal.items():
             out[i] = d * V[i]
         return out
+
+    def _solve_columns(
+        self, B: torch.Tensor, damping: float, method: str, rtol: float, max_iter: int | None
+    ) -> torch.Tensor:
+        if method == "kronecker":  # exact, through the factors' eigendecompositions
+            return self.inverse_matmat(B, damping)
+        return super()._solve_columns(B, damping, method, rtol, max_iter)
 
     def inverse_matmat(self, V: torch.Tensor, damping: float, *, factored: bool = False) -> torch.Tensor:
         """``(K + damping I)^{-1} V`` for ``V`` ``[P]`` or ``[P, k]``, ``K`` this operator.
