@@ -62,6 +62,19 @@ print("smallest eigenvalue  Hessian: %.2e   GGN: %.2e"
       % (torch.linalg.eigvalsh(H_op)[0], torch.linalg.eigvalsh(G)[0]))
 
 # %% [markdown]
+# ## Solving with the curvature
+# `op.solve(b, damping=...)` applies `(A + damping I)^{-1}` without forming `A`: MINRES
+# from `curvopt.linalg` by default (it copes with an indefinite Hessian), `method="cg"`
+# for a positive definite system; a Newton-type step is `-op.solve(gradient, damping=...)`.
+
+# %%
+ggn = curvopt.curvature("ggn", tiny, loss_fn, (X, y))
+b = torch.randn(ggn.shape[0], dtype=torch.float64)
+step = ggn.solve(b, damping=1e-3, rtol=1e-10)
+dense_step = torch.linalg.solve(G + 1e-3 * torch.eye(G.shape[0], dtype=G.dtype), b)
+print(f"solve vs dense: max difference {float((step - dense_step).abs().max()):.1e}")
+
+# %% [markdown]
 # ## Block-diagonal curvature
 # `block_diagonal` wraps any backend and keeps one block per module (or your grouping).
 
