@@ -140,6 +140,13 @@ class KroneckerBlock:
     bias: int | None
     A: torch.Tensor | None = None  # [in(+1), in(+1)]
     G: torch.Tensor | None = None  # [out, out]
+    eigen: tuple | None = None  # (eigh(A), eigh(G)) of the current factors, computed on demand
+
+    def eigendecompositions(self) -> tuple:
+        """``(eigh(A), eigh(G))``, kept until the factors are recomputed."""
+        if self.eigen is None:
+            self.eigen = (torch.linalg.eigh(self.A), torch.linalg.eigh(self.G))
+        return self.eigen
 
 
 @register_curvature("kfac")
@@ -237,6 +244,7 @@ class KFACOperator(CurvatureOperator):
             # adds per-batch sums, divided here by the summed sample count.
             layer.A = A / count if self.reduction == "sum" else A
             layer.G = G
+            layer.eigen = None
 
     def _batch_factors(self, index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
         captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -340,7 +348,8 @@ class KFACOperator(CurvatureOperator):
     def inverse_matmat(self, V: torch.Tensor, damping: float, *, factored: bool = False) -> torch.Tensor:
         """``(K + damping I)^{-1} V`` for ``V`` ``[P]`` or ``[P, k]``, ``K`` this operator.
 
-        Exact for the Kronecker blocks via eigendecompositions of ``A`` and ``G``. With
+        Exact for the Kronecker blocks via eigendecompositions of ``A`` and ``G`` (kept
+        between calls until the parameters change). With
         ``factored=True`` it applies ``(A + pi sqrt(d) I)^{-1} ⊗ (G + sqrt(d)/pi I)^{-1}``
         instead, the factored Tikhonov damping of Martens & Grosse (2015) with
         ``pi = sqrt((tr A / dim A) / (tr G / dim G))``.
@@ -352,8 +361,7 @@ class KFACOperator(CurvatureOperator):
         parts = self.unflatten(Vm.T)
         out: list = [None] * len(parts)
         for layer in self.factors():
-            R = kronecker_solve(self._matrices(layer, parts), torch.linalg.eigh(layer.A),
-                                torch.linalg.eigh(layer.G), damping, factored)
+            R = kronecker_solve(self._matrices(layer, parts), *layer.eigendecompositions(), damping, factored)
             self._scatter(layer, R, out)
         for i, d in self.diagonal.items():
             out[i] = parts[i] / (d + damping)

@@ -87,3 +87,19 @@ def test_a_column_that_stops_short_warns_with_the_reason():
     B = torch.randn(5, 2, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match=r"column 0 stopped after 1 products .*max_iterations"):
         op.solve(B, damping=0.5, max_iter=1)
+
+
+def test_kfac_solve_follows_parameter_changes():
+    """The kept eigendecompositions are dropped with the factors when a parameter changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    op = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), (X, y))
+    b = torch.randn(op.shape[0], dtype=torch.float64)
+    eye = torch.eye(op.shape[0], dtype=torch.float64)
+    first = op.solve(b, damping=0.1)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    second = op.solve(b, damping=0.1)
+    torch.testing.assert_close(second, torch.linalg.solve(op.to_dense() + 0.1 * eye, b))
+    assert not torch.allclose(first, second)
