@@ -268,7 +268,9 @@ class KFAC(Optimizer):
 
     def _step_group(self, group: dict, new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
-        updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (param, update, grad)
+        updates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, preconditioned gradient)
+        kl = group["kl_clip"] > 0 and lr > 0
+        dots: list[torch.Tensor] = []  # update . grad per layer, for the KL clip
         done: set[int] = set()
         diagonal: list[torch.Tensor] = []
         plain: list[torch.Tensor] = []  # Kronecker layers before their first statistics
@@ -314,36 +316,38 @@ class KFAC(Optimizer):
             else:
                 R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, False)
             d_w = p[0].numel()
-            updates.append((p, R[:, :d_w].reshape(p.shape), gw))
+            updates.append((p, R[:, :d_w].reshape(p.shape)))
             done.add(id(p))
             if bias is not None:
-                updates.append((bias, R[:, d_w], gb))
+                updates.append((bias, R[:, d_w]))
                 done.add(id(bias))
+            if kl:  # update . grad of the whole layer at once
+                dots.append(torch.vdot(R.reshape(-1), M.reshape(-1)))
             state["step"] = step + 1
-        updates += self._diagonal_updates(group, diagonal)
-        updates += [(p, p.grad + wd * p if wd else p.grad, p.grad) for p in plain]
+        others = self._diagonal_updates(group, diagonal)
+        others += [(p, p.grad + wd * p if wd else p.grad, p.grad) for p in plain]
+        updates += [(p, u) for p, u, _ in others]
         if not updates:
             return
         scale = 1.0
-        if group["kl_clip"] > 0 and lr > 0:
-            dots = [torch.vdot(u.reshape(-1), g.reshape(-1)) for _, u, g in updates]
+        if kl:
+            dots += [torch.vdot(u.reshape(-1), g.reshape(-1)) for _, u, g in others]
             vg = float(torch.stack(dots).sum()) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
-        params = [p for p, _, _ in updates]
-        steps = [u for _, u, _ in updates]
-        if scale != 1.0:
-            steps = torch._foreach_mul(steps, scale)
-        if group["momentum"]:  # buf = momentum * buf + u, batched over the group's tensors
-            old = [(self.state[p].get("momentum_buffer"), u) for p, u in zip(params, steps)]
+        params = [p for p, _ in updates]
+        steps = [u for _, u in updates]
+        if group["momentum"]:  # buf = momentum * buf + scale * u, batched over the group's tensors
+            old = [(self.state[p].get("momentum_buffer"), u) for p, u in updates]
             bufs = [b for b, _ in old if b is not None]
             if bufs:
                 torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, [u for b, u in old if b is not None])
-            steps = [u.clone() if b is None else b for b, u in old]
+                torch._foreach_add_(bufs, [u for b, u in old if b is not None], alpha=scale)
+            steps = [(u * scale if scale != 1.0 else u.clone()) if b is None else b for b, u in old]
             for p, u in zip(params, steps):
                 self.state[p]["momentum_buffer"] = u
-        torch._foreach_add_(params, steps, alpha=-lr)
+            scale = 1.0
+        torch._foreach_add_(params, steps, alpha=-lr * scale)
 
     def _diagonal_updates(self, group: dict, params: list[torch.Tensor]) -> list[tuple]:
         """``(param, (grad + wd * param) / (D + damping), grad)`` for parameters without a Kronecker

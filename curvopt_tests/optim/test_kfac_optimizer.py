@@ -236,6 +236,29 @@ def test_update_is_the_damped_kronecker_solve(factored):
         torch.testing.assert_close(m.bias.detach(), b0 - U[:, -1])
 
 
+def test_kl_clip_and_momentum_follow_their_formulas():
+    """scale = min(1, sqrt(kl_clip / (lr^2 sum u.g))), buf = momentum * buf + scale * u,
+    p -= lr * buf, with u the preconditioned gradient of each layer, over two steps."""
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10)).double()
+    lr, mu, kl = 0.5, 0.9, 1e-6
+    opt = curvopt.KFAC(model.parameters(), lr=lr, momentum=mu, kl_clip=kl, inverse_every=1)
+    layers = [model[0], model[2]]
+    bufs = None
+    for X, y in _batches(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X.double()), y).backward()
+        M = [torch.cat([m.weight.grad, m.bias.grad[:, None]], 1) for m in layers]
+        before = [torch.cat([m.weight.detach(), m.bias.detach()[:, None]], 1) for m in layers]
+        opt.step()
+        U = [opt.state[m.weight]["inv_G"] @ Mi @ opt.state[m.weight]["inv_A"] for m, Mi in zip(layers, M)]
+        scale = min(1.0, (kl / (lr**2 * sum(float((u * g).sum()) for u, g in zip(U, M)))) ** 0.5)
+        assert scale < 1  # the clip is active
+        bufs = [scale * u if bufs is None else mu * b + scale * u for b, u in zip(bufs or U, U)]
+        for m, b0, buf in zip(layers, before, bufs):
+            torch.testing.assert_close(torch.cat([m.weight.detach(), m.bias.detach()[:, None]], 1), b0 - lr * buf)
+
+
 def test_bad_hyperparameters():
     p = [nn.Parameter(torch.zeros(2))]
     with pytest.raises(ValueError, match="damping must be > 0"):
