@@ -186,10 +186,6 @@ class CurvatureOperator(ABC):
             )
         if not damping >= 0:
             raise OptionError(f"{type(self).__name__}.solve: damping must be >= 0, got {damping!r}")
-        if isinstance(b, (list, tuple)):
-            B = self.flatten([t.unsqueeze(0) for t in self._check_list(b)]).T
-            X = self._solve_columns(B, float(damping), method, rtol, max_iter)
-            return [r.squeeze(0) for r in self.unflatten(X.T)]
         B, restore = self._columns(b, "solve")
         return restore(self._solve_columns(B, float(damping), method, rtol, max_iter))
 
@@ -200,7 +196,11 @@ class CurvatureOperator(ABC):
         return krylov_solve(self, B, damping, method, rtol, max_iter)
 
     def _columns(self, x: Any, verb: str) -> tuple[torch.Tensor, Any]:
-        """A tensor ``[P]`` or ``[P, k]`` as ``[P, k]`` columns, and the map that restores its format."""
+        """``x`` (``[P]``, ``[P, k]`` or a parameter-shaped list) as ``[P, k]`` columns, and the map
+        that gives a ``[P, k]`` result back in ``x``'s format."""
+        if isinstance(x, (list, tuple)):
+            B = self.flatten([t.unsqueeze(0) for t in self._check_list(x)]).T
+            return B, lambda R: [r.squeeze(0) for r in self.unflatten(R.T)]
         if not isinstance(x, torch.Tensor):
             raise TypeError(
                 f"cannot {verb} {type(self).__name__} with {type(x).__name__}; use a tensor "

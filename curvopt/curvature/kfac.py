@@ -88,11 +88,14 @@ def factored_inverses(
     """``(A + pi sqrt(d) I)^{-1}`` and ``(G + sqrt(d)/pi I)^{-1}`` from ``(eigenvalues, eigenvectors)``
     of ``A`` and ``G``, with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``: the factored Tikhonov
     damping of Martens & Grosse (2015, section 6.3)."""
-    (la, Qa), (lg, Qg) = eig_A, eig_G
-    pi = _pi(la.mean(), lg.mean())
-    A_inv = (Qa / (la + pi * damping**0.5)) @ Qa.T
-    G_inv = (Qg / (lg + damping**0.5 / pi)) @ Qg.T
-    return A_inv, G_inv
+    pi = _pi(eig_A[0].mean(), eig_G[0].mean())
+    return _inverse_from_eig(eig_A, pi * damping**0.5), _inverse_from_eig(eig_G, damping**0.5 / pi)
+
+
+def _inverse_from_eig(eig: tuple[torch.Tensor, torch.Tensor], shift: Any) -> torch.Tensor:
+    """``(M + shift I)^{-1}`` from ``(eigenvalues, eigenvectors)`` of a symmetric ``M``."""
+    lam, Q = eig
+    return (Q / (lam + shift)) @ Q.T
 
 
 def factored_inverses_cholesky(
@@ -110,7 +113,7 @@ def _damped_inverse(M: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     if int(info) == 0:
         return torch.cholesky_inverse(L)
     lam, Q = torch.linalg.eigh(M)
-    return (Q / (lam.clamp_min(0.0) + shift)) @ Q.T
+    return _inverse_from_eig((lam.clamp_min(0.0), Q), shift)
 
 
 def kronecker_solve(

@@ -194,3 +194,22 @@ def test_kfac_errors():
         curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), data, kfac_approx="sum")
     with pytest.raises(OptionError, match="damping must be positive"):
         op.inverse_matmat(torch.zeros(op.shape[0]), 0.0)
+
+
+def test_cholesky_inverses_match_the_eigen_formula_and_fall_back_when_indefinite():
+    from curvopt.curvature.kfac import factored_inverses, factored_inverses_cholesky
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    A, G = X.T @ X / 6, torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64))
+    eig = lambda M: torch.linalg.eigh(M)  # noqa: E731
+    for got, want in zip(factored_inverses_cholesky(A, G, 1e-2), factored_inverses(eig(A), eig(G), 1e-2)):
+        torch.testing.assert_close(got, want)
+    # a factor with a (round-off sized) negative eigenvalue: Cholesky fails, eigenvalues are clamped at 0
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))
+    lam = torch.tensor([-1e-3, 0.5, 1.0, 2.0], dtype=torch.float64)
+    bad = Q @ torch.diag(lam) @ Q.T
+    inv_A, _ = factored_inverses_cholesky(bad, torch.eye(3, dtype=torch.float64), 1e-8)
+    assert torch.isfinite(inv_A).all()
+    pi = (lam.mean() / 1.0).sqrt()
+    torch.testing.assert_close(inv_A, Q @ torch.diag(1 / (lam.clamp_min(0) + pi * 1e-4)) @ Q.T)
