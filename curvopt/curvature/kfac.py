@@ -61,21 +61,34 @@ def layer_output_vectors(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(K, n, g.shape[2], -1).transpose(2, 3)
 
 
-def input_factor(a: torch.Tensor, approx: str) -> torch.Tensor:
-    """``A``: mean of ``a a^T`` over samples (and positions for ``expand``), ``a`` ``[N, T, d]``."""
+def input_factor(a: torch.Tensor, approx: str, *, alpha: float = 1.0,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``A``: mean of ``a a^T`` over samples (and positions for ``expand``), ``a`` ``[N, T, d]``;
+    times ``alpha``, and added to ``out`` in place when it is given."""
     if approx == "reduce":
         a = a.mean(1, keepdim=True)
     a = a.reshape(-1, a.shape[-1])
-    return a.T @ a / a.shape[0]
+    return _gram(a, alpha / a.shape[0], out)
 
 
-def output_factor(g: torch.Tensor, approx: str) -> torch.Tensor:
+def output_factor(g: torch.Tensor, approx: str, *, alpha: float = 1.0,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """``sum g g^T`` over vectors, samples and positions (positions summed first for
-    ``reduce``), for ``g`` of shape ``[K, N, T, out]``."""
+    ``reduce``), for ``g`` of shape ``[K, N, T, out]``; times ``alpha``, and added to ``out``
+    in place when it is given."""
     if approx == "reduce":
         g = g.sum(2, keepdim=True)
     g = g.reshape(-1, g.shape[-1])
-    return g.T @ g
+    return _gram(g, alpha, out)
+
+
+def _gram(x: torch.Tensor, alpha: float, out: torch.Tensor | None) -> torch.Tensor:
+    """``alpha x^T x`` (plus ``out``, in place). Scaling in place and accumulating with
+    ``addmm_`` allocate no factor-sized temporaries, which on CPU cost page faults each."""
+    if out is not None:
+        return out.addmm_(x.T, x, alpha=alpha)
+    gram = x.T @ x
+    return gram if alpha == 1.0 else gram.mul_(alpha)
 
 
 def _pi(mean_eig_A: torch.Tensor, mean_eig_G: torch.Tensor) -> torch.Tensor:

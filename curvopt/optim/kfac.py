@@ -142,13 +142,13 @@ class KFAC(Optimizer):
             return
         self._layers[key] = module
         bias = module.bias is not None and id(module.bias) in owned
+        stats = self._pending.get(key)
+        if stats is None:  # sums over the step's batches, normalized when the step takes them
+            stats = self._pending[key] = {"A": None, "a_count": 0, "G": None, "g_count": 0, "outputs": []}
         with torch.no_grad():
             a = layer_inputs(module, inputs[0].detach(), bias)
-            A = input_factor(a, group["kfac_approx"])
-        stats = self._pending.setdefault(key, {"A": torch.zeros_like(A), "a_count": 0, "G": None, "g_count": 0,
-                                               "outputs": []})
-        n = a.shape[0]
-        stats["A"] += A * n
+            n = a.shape[0]
+            stats["A"] = input_factor(a, group["kfac_approx"], alpha=n, out=stats["A"])
         stats["a_count"] += n
         stats["outputs"].append((output, module, group, n))
 
@@ -175,9 +175,8 @@ class KFAC(Optimizer):
     def _add_G(stats: dict, module: nn.Module, group: dict, grads: torch.Tensor, n: int) -> None:
         """Add ``N sum g g^T`` for gradients ``[S, N, ...]`` of a mean loss w.r.t. a layer output
         (``(1/N) d l_n / d s``), averaged over the ``S`` draws: the Fisher's output factor."""
-        g = layer_output_vectors(module, grads) * n
-        G = output_factor(g, group["kfac_approx"]) / n
-        stats["G"] = G if stats["G"] is None else stats["G"] + G
+        g = layer_output_vectors(module, grads)
+        stats["G"] = output_factor(g, group["kfac_approx"], alpha=n, out=stats["G"])
         stats["g_count"] += grads.shape[0]
 
     def close(self) -> None:
@@ -250,23 +249,26 @@ class KFAC(Optimizer):
         self._clear()
         return loss
 
-    def _new_factors(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]] | None:
+    def _new_factors(self) -> dict[int, tuple[torch.Tensor, float, torch.Tensor, float]] | None:
+        """``id(weight) -> (sum for A, its count, sum for G, its count)`` of this step's statistics
+        (``A = sum / count``; the counts fold in the GradScaler's scale), or None if one is not
+        finite."""
         new = {}
         for key, stats in self._pending.items():
             if stats["G"] is None or stats["a_count"] == 0:
                 continue  # a forward without a backward through this layer
-            A, G = stats["A"] / stats["a_count"], stats["G"] / stats["g_count"]
+            g_count = float(stats["g_count"])
             if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-                G = G / float(self.grad_scaler.get_scale()) ** 2
-            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(G).all())):
-                warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
-                              stacklevel=3)
-                self._clear()
-                return None
-            new[key] = (A, G)
+                g_count *= float(self.grad_scaler.get_scale()) ** 2
+            new[key] = (stats["A"], float(stats["a_count"]), stats["G"], g_count)
+        if new and not _all_finite([t for A, _, G, _ in new.values() for t in (A, G)]):
+            warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
+                          stacklevel=3)
+            self._clear()
+            return None
         return new
 
-    def _step_group(self, group: dict, new: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _step_group(self, group: dict, new: dict[int, tuple]) -> None:
         lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
         updates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, preconditioned gradient)
         kl = group["kl_clip"] > 0 and lr > 0
@@ -284,12 +286,13 @@ class KFAC(Optimizer):
                     diagonal.append(p)
                 continue
             state = self.state[p]
-            if id(p) in new:
-                A, G = new[id(p)]
+            if id(p) in new:  # moving averages, in place: no factor-sized temporaries
                 decay = group["factor_decay"]
-                first = "A" not in state
-                state["A"] = A.clone() if first else decay * state["A"] + (1 - decay) * A
-                state["G"] = G.clone() if first else decay * state["G"] + (1 - decay) * G
+                for name, total, count in zip("AG", new[id(p)][::2], new[id(p)][1::2]):
+                    if name in state:
+                        state[name].mul_(decay).add_(total, alpha=(1 - decay) / count)
+                    else:  # this step's sums are not used again: they become the factors
+                        state[name] = total.div_(count)
             if "A" not in state:  # no statistics yet: plain gradient step for this layer
                 plain.append(p)
                 continue
