@@ -11,6 +11,7 @@ operator (:mod:`curvopt.curvature.kfac`).
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any
@@ -37,7 +38,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """Whether every entry is finite, with one synchronisation. The sum of 2-norms is cheap
     (no concatenation); it also overflows for entries beyond ~1e19, so only a non-finite sum
     is confirmed entry by entry."""
-    if bool(torch.stack(torch._foreach_norm(tensors)).sum().isfinite()):
+    if math.isfinite(torch.stack(torch._foreach_norm(tensors)).sum().item()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -105,6 +106,7 @@ class KFAC(Optimizer):
         self._warned_diagonal = False
         self._diag_counts: dict[int, tuple[int, str]] = {}  # id(param) -> (samples, "Module.name")
         self._mc = {"step": False, "forward": False}  # mc_backward called / a recorded layer ran
+        self._plans: dict[int, tuple] = {}  # id(group) -> (signature, plan), see _plan
         self.grad_scaler = grad_scaler
         me = weakref.ref(self)
 
@@ -268,24 +270,42 @@ class KFAC(Optimizer):
             return None
         return new
 
+    def _plan(self, group: dict) -> tuple[list[tuple], list[torch.Tensor]]:
+        """The group's recorded layers as ``(weight, bias or None, state, bias state, weight size per
+        output)`` and its parameters outside them; cached until the group, the recorded layers
+        or the state dict change, since the step runs this per group on every step."""
+        signature = (len(group["params"]), len(self._layers), id(self.state))
+        cached = self._plans.get(id(group))
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        owned = self._owned()
+        biases = {id(m.bias) for m in self._layers.values() if m.bias is not None}
+        layers, others = [], []
+        for p in group["params"]:
+            module = self._layers.get(id(p))
+            if module is not None:
+                # the bias column of A exists exactly when the bias is the optimizer's (see _record)
+                bias = module.bias if module.bias is not None and id(module.bias) in owned else None
+                layers.append((p, bias, self.state[p], None if bias is None else self.state[bias],
+                               p.numel() // p.shape[0]))
+            elif id(p) not in biases:
+                others.append(p)
+        self._plans[id(group)] = (signature, (layers, others))
+        return layers, others
+
     def _step_group(self, group: dict, new: dict[int, tuple]) -> None:
         lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
-        updates: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, preconditioned gradient)
         kl = group["kl_clip"] > 0 and lr > 0
+        params: list[torch.Tensor] = []
+        steps: list[torch.Tensor] = []  # preconditioned gradients, in the order of params
+        states: list[dict] = []
         dots: list[torch.Tensor] = []  # update . grad per layer, for the KL clip
-        done: set[int] = set()
-        diagonal: list[torch.Tensor] = []
         plain: list[torch.Tensor] = []  # Kronecker layers before their first statistics
-        biases = self._bias_ids()
-        for p in group["params"]:
-            if p.grad is None or id(p) in done:
+        layers, others = self._plan(group)
+        for p, bias, state, bias_state, d_w in layers:
+            gw = p.grad
+            if gw is None:
                 continue
-            module = self._layers.get(id(p))
-            if module is None:
-                if id(p) not in biases:
-                    diagonal.append(p)
-                continue
-            state = self.state[p]
             if id(p) in new:  # moving averages, in place: no factor-sized temporaries
                 decay = group["factor_decay"]
                 for name, total, count in zip("AG", new[id(p)][::2], new[id(p)][1::2]):
@@ -294,7 +314,7 @@ class KFAC(Optimizer):
                     else:  # this step's sums are not used again: they become the factors
                         state[name] = total.div_(count)
             if "A" not in state:  # no statistics yet: plain gradient step for this layer
-                plain.append(p)
+                plain += [t for t in (p, bias) if t is not None and t.grad is not None]
                 continue
             step = state.get("step", 0)
             refresh = step % group["inverse_every"] == 0
@@ -308,29 +328,35 @@ class KFAC(Optimizer):
                 for name in ("A", "G"):
                     lam, Q = torch.linalg.eigh(state[name])
                     state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
-            bias = module.bias if module.bias is not None and module.bias.grad is not None else None
-            gw = p.grad + wd * p if wd else p.grad
-            M = gw.reshape(gw.shape[0], -1)
+            if wd:
+                gw = gw + wd * p
+            M = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
             if bias is not None:
-                gb = bias.grad + wd * bias if wd else bias.grad
-                M = torch.cat([M, gb.reshape(-1, 1)], dim=1)
+                gb = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+                if wd:
+                    gb = gb + wd * bias
+                M = torch.cat([M, gb[:, None]], dim=1)
             if group["factored_damping"]:
                 R = state["inv_G"] @ M @ state["inv_A"]
             else:
                 R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, False)
-            d_w = p[0].numel()
-            updates.append((p, R[:, :d_w].reshape(p.shape)))
-            done.add(id(p))
+            params.append(p)
+            steps.append(R[:, :d_w].view_as(p))
+            states.append(state)
             if bias is not None:
-                updates.append((bias, R[:, d_w]))
-                done.add(id(bias))
+                params.append(bias)
+                steps.append(R[:, d_w])
+                states.append(bias_state)
             if kl:  # update . grad of the whole layer at once
-                dots.append(torch.vdot(R.reshape(-1), M.reshape(-1)))
+                dots.append(torch.vdot(R.view(-1), M.reshape(-1)))
             state["step"] = step + 1
-        others = self._diagonal_updates(group, diagonal)
+        others = self._diagonal_updates(group, [p for p in others if p.grad is not None])
         others += [(p, p.grad + wd * p if wd else p.grad, p.grad) for p in plain]
-        updates += [(p, u) for p, u, _ in others]
-        if not updates:
+        for p, u, _ in others:
+            params.append(p)
+            steps.append(u)
+            states.append(self.state[p])
+        if not params:
             return
         scale = 1.0
         if kl:
@@ -338,18 +364,18 @@ class KFAC(Optimizer):
             vg = float(torch.stack(dots).sum()) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
-        params = [p for p, _ in updates]
-        steps = [u for _, u in updates]
         if group["momentum"]:  # buf = momentum * buf + scale * u, batched over the group's tensors
-            old = [(self.state[p].get("momentum_buffer"), u) for p, u in updates]
-            bufs = [b for b, _ in old if b is not None]
-            if bufs:
+            bufs = [state.get("momentum_buffer") for state in states]
+            if all(b is not None for b in bufs):
                 torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, [u for b, u in old if b is not None], alpha=scale)
-            steps = [(u * scale if scale != 1.0 else u.clone()) if b is None else b for b, u in old]
-            for p, u in zip(params, steps):
-                self.state[p]["momentum_buffer"] = u
-            scale = 1.0
+                torch._foreach_add_(bufs, steps, alpha=scale)
+            else:  # a buffer starts as the first (clipped) update
+                for i, (b, u) in enumerate(zip(bufs, steps)):
+                    if b is None:
+                        bufs[i] = states[i]["momentum_buffer"] = u * scale if scale != 1.0 else u.clone()
+                    else:
+                        b.mul_(group["momentum"]).add_(u, alpha=scale)
+            steps, scale = bufs, 1.0
         torch._foreach_add_(params, steps, alpha=-lr * scale)
 
     def _diagonal_updates(self, group: dict, params: list[torch.Tensor]) -> list[tuple]:
@@ -378,10 +404,3 @@ class KFAC(Optimizer):
             grad = p.grad + wd * p if wd else p.grad
             out.append((p, grad / (state["diag"] + group["damping"]), grad))
         return out
-
-    def _bias_ids(self) -> set[int]:
-        """``id`` of every recorded layer's bias (cached; the set of layers only grows)."""
-        if getattr(self, "_bias_count", -1) != len(self._layers):
-            self._bias_set = {id(m.bias) for m in self._layers.values() if m.bias is not None}
-            self._bias_count = len(self._layers)
-        return self._bias_set
