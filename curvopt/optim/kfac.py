@@ -343,7 +343,7 @@ class KFAC(Optimizer):
             params.append(p)
             steps.append(R[:, :d_w].view_as(p))
             states.append(state)
-            if bias is not None:
+            if bias is not None and bias.grad is not None:  # a bias without a gradient stays put
                 params.append(bias)
                 steps.append(R[:, d_w])
                 states.append(bias_state)

@@ -115,6 +115,27 @@ def test_none_gradients_are_skipped_and_frozen_parameters_untouched():
     opt.step()  # no gradients at all: nothing to do, no error
 
 
+def test_bias_whose_gradient_was_dropped_stays_put_and_its_weight_still_steps():
+    """A bias of a K-FAC layer with ``grad = None`` (dropped by the user after backward): its
+    column of the gradient counts as zero, the bias is not moved and the weight is."""
+    torch.manual_seed(0)
+    model = mlp((40, 16, 10))
+    opt = curvopt.KFAC(model.parameters(), momentum=0)
+    _train(model, opt, _batches(1))  # factors with the bias column exist from here on
+    X, y = _batches(1, seed=1)[0]
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    model[2].bias.grad = None
+    M = torch.cat([model[2].weight.grad, torch.zeros(10, 1)], 1)
+    state = opt.state[model[2].weight]
+    w0, b0 = model[2].weight.detach().clone(), model[2].bias.detach().clone()
+    opt.step()
+    assert torch.equal(model[2].bias, b0)
+    U = state["inv_G"] @ M @ state["inv_A"]  # inverses are not refreshed at this step (inverse_every=10)
+    moved = w0 - model[2].weight.detach()
+    torch.testing.assert_close(moved / moved.norm(), U[:, :-1] / U[:, :-1].norm())
+
+
 def test_non_finite_gradient_skips_the_step_and_warns():
     torch.manual_seed(0)
     model = mlp((40, 16, 10))
