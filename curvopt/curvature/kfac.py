@@ -11,6 +11,7 @@ Eschenhagen et al. (2023): ``expand`` treats shared positions as extra samples,
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -32,24 +33,25 @@ APPROXIMATIONS = ("expand", "reduce")
 KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
-def layer_inputs(module: nn.Module, x: torch.Tensor, bias: bool) -> torch.Tensor:
-    """A layer's inputs as ``[N, T, d_in]`` (``T`` weight-sharing positions), with a 1 appended
-    for the bias; for convolutions the unfolded patches, matching ``weight.reshape(out, -1)``."""
+def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's inputs as ``[N, T, d_in]`` (``T`` weight-sharing positions); for convolutions
+    the patches, ordered like ``weight.reshape(out, -1)`` and positions row-major."""
     if isinstance(module, nn.Linear):
-        a = x.reshape(x.shape[0], -1, x.shape[-1])
-    else:
-        if isinstance(module.padding, str):
-            raise ParameterError(f"kfac: {module} uses padding={module.padding!r}; give it as numbers")
-        if isinstance(module, nn.Conv1d):
-            x = x.unsqueeze(2)
-            kernel, dil = (1, *module.kernel_size), (1, *module.dilation)
-            pad, stride = (0, *module.padding), (1, *module.stride)
-        else:
-            kernel, dil, pad, stride = module.kernel_size, module.dilation, module.padding, module.stride
-        a = F.unfold(x, kernel, dilation=dil, padding=pad, stride=stride).transpose(1, 2)
-    if bias:
-        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-    return a
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+    if isinstance(module.padding, str):
+        raise ParameterError(f"kfac: {module} uses padding={module.padding!r}; give it as numbers")
+    dims = x.dim() - 2
+    if any(module.padding):  # F.pad lists the last dimension first
+        x = F.pad(x, [p for p in reversed(module.padding) for _ in range(2)])
+    # windows as strided views (Tensor.unfold), then one copy; F.unfold (im2col) loops over
+    # samples and needs Conv1d inputs lifted to 2-d
+    for i in range(dims):
+        x = x.unfold(2 + i, module.dilation[i] * (module.kernel_size[i] - 1) + 1, module.stride[i])
+    if any(d != 1 for d in module.dilation):
+        x = x[(..., *(slice(None, None, d) for d in module.dilation))]
+    n, positions = x.shape[0], x.shape[2:2 + dims]
+    x = x.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # [N, T..., C, k...]
+    return x.reshape(n, math.prod(positions), -1)
 
 
 def layer_output_vectors(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -61,14 +63,27 @@ def layer_output_vectors(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return g.reshape(K, n, g.shape[2], -1).transpose(2, 3)
 
 
-def input_factor(a: torch.Tensor, approx: str, *, alpha: float = 1.0,
+def input_factor(a: torch.Tensor, approx: str, *, bias: bool = False, alpha: float = 1.0,
                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``A``: mean of ``a a^T`` over samples (and positions for ``expand``), ``a`` ``[N, T, d]``;
-    times ``alpha``, and added to ``out`` in place when it is given."""
+    """``A``: mean of ``a a^T`` over samples (and positions for ``expand``), ``a`` ``[N, T, d]``,
+    with a constant 1 appended to ``a`` for a ``bias``; times ``alpha``, and added to ``out``
+    in place when it is given. The bias row and column are the input sums, so the inputs are
+    never copied to append the 1."""
     if approx == "reduce":
         a = a.mean(1, keepdim=True)
     a = a.reshape(-1, a.shape[-1])
-    return _gram(a, alpha / a.shape[0], out)
+    weight = alpha / a.shape[0]
+    if not bias:
+        return _gram(a, weight, out)
+    d = a.shape[1]
+    if out is None:
+        out = a.new_zeros(d + 1, d + 1)
+    _gram(a, weight, out[:d, :d])
+    sums = a.sum(0)
+    out[:d, d].add_(sums, alpha=weight)
+    out[d, :d].add_(sums, alpha=weight)
+    out[d, d].add_(alpha)
+    return out
 
 
 def output_factor(g: torch.Tensor, approx: str, *, alpha: float = 1.0,
@@ -285,13 +300,13 @@ class KFACOperator(CurvatureOperator):
         scale = self.spec.scale(detached) * weight
         result: TensorList = []
         for i, layer in enumerate(self.layers):
-            a = layer_inputs(layer.module, captured[i][0], layer.bias is not None)  # [N, T, d_in]
+            a = layer_inputs(layer.module, captured[i][0])  # [N, T, d_in]
             if grads[i] is None:  # the layer does not reach the output
                 g = torch.zeros(U.shape[0], n, a.shape[1], layer.module.weight.shape[0], dtype=out.dtype,
                                 device=out.device)
             else:
                 g = layer_output_vectors(layer.module, grads[i])  # [K, N, T, out]
-            A = input_factor(a, self.kfac_approx)
+            A = input_factor(a, self.kfac_approx, bias=layer.bias is not None)
             # "sum": per-batch sums of a a^T, divided by the total count after the loop
             result += [A if self.reduction == "mean" else A * n, scale * output_factor(g, self.kfac_approx)]
         result += self._diagonal_blocks(X, U, scale)

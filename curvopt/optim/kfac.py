@@ -148,9 +148,9 @@ class KFAC(Optimizer):
         if stats is None:  # sums over the step's batches, normalized when the step takes them
             stats = self._pending[key] = {"A": None, "a_count": 0, "G": None, "g_count": 0, "outputs": []}
         with torch.no_grad():
-            a = layer_inputs(module, inputs[0].detach(), bias)
+            a = layer_inputs(module, inputs[0].detach())
             n = a.shape[0]
-            stats["A"] = input_factor(a, group["kfac_approx"], alpha=n, out=stats["A"])
+            stats["A"] = input_factor(a, group["kfac_approx"], bias=bias, alpha=n, out=stats["A"])
         stats["a_count"] += n
         stats["outputs"].append((output, module, group, n))
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import grad, vmap
@@ -114,6 +114,45 @@ def test_conv_input_factor_against_explicit_patches(approx):
         patches = patches.mean(1, keepdim=True)
     flat = patches.reshape(-1, 7)
     torch.testing.assert_close(op.factors()[0].A, flat.T @ flat / flat.shape[0])
+
+
+@given(dims=st.sampled_from([1, 2]), c=st.integers(1, 3), size=st.integers(3, 9), kernel=st.integers(1, 3),
+       stride=st.integers(1, 3), padding=st.integers(0, 2), dilation=st.integers(1, 2), seed=st.integers(0, 99))
+def test_conv_patches_equal_im2col(dims, c, size, kernel, stride, padding, dilation, seed):
+    """layer_inputs' strided-view patches equal F.unfold's, for Conv1d and Conv2d (non-square in 2-d)."""
+    from curvopt.curvature.kfac import layer_inputs
+
+    assume(dilation * (kernel - 1) + 1 <= size + 2 * padding)  # at least one output position
+    torch.manual_seed(seed)
+    if dims == 1:
+        conv = nn.Conv1d(c, 2, kernel, stride=stride, padding=padding, dilation=dilation)
+        x = torch.randn(2, c, size, dtype=torch.float64)
+        expected = nn.functional.unfold(x.unsqueeze(2), (1, kernel), dilation=(1, dilation), padding=(0, padding),
+                                        stride=(1, stride))
+    else:
+        conv = nn.Conv2d(c, 2, (kernel, 1 + kernel % 2), stride=(stride, 1), padding=(padding, 1),
+                         dilation=(dilation, 1))
+        x = torch.randn(2, c, size, size + 1, dtype=torch.float64)
+        expected = nn.functional.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                                        stride=conv.stride)
+    patches = layer_inputs(conv, x)
+    torch.testing.assert_close(patches, expected.transpose(1, 2), rtol=0, atol=0)
+    assert patches.shape[1] == conv(x.float()).shape[2:].numel()
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_input_factor_with_bias_equals_the_factor_of_inputs_with_a_one_appended(approx):
+    from curvopt.curvature.kfac import input_factor
+
+    torch.manual_seed(0)
+    a = torch.randn(5, 3, 4, dtype=torch.float64)
+    ones = torch.cat([a, torch.ones(5, 3, 1, dtype=torch.float64)], 2)
+    expected = input_factor(ones, approx)
+    torch.testing.assert_close(input_factor(a, approx, bias=True), expected)
+    acc = input_factor(a[:2], approx, bias=True, alpha=2.0)  # two batches accumulated in place
+    same = input_factor(a[2:], approx, bias=True, alpha=3.0, out=acc)
+    assert same is acc
+    torch.testing.assert_close(acc / 5, expected)
 
 
 def test_mc_converges_to_type2():
