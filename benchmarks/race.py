@@ -10,7 +10,8 @@ target, then the highest final validation accuracy); the table reports its *test
     to 90% and 95% test accuracy (evaluated every quarter epoch; evaluation time is not
     counted), and the final test accuracy;
 (b) the amortized K-FAC step cost as a multiple of an Adam step, measured side by side
-    (interleaved repetitions, best of each) with K-FAC's default race schedule
+    (rounds of ``--inverse-every`` steps of each optimizer in turn; the median over rounds of
+    the ratio within a round, and its range) with K-FAC's default race schedule
     (factors every ``--factor-every`` steps, inverses every ``--inverse-every``), at the
     race's batch 128 and larger ones; with an SGD-momentum step plus K-FAC's preconditioning
     products alone, the least any K-FAC step does, which bounds the ratio from below;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -72,33 +74,45 @@ def grids(configs: int) -> dict[str, list[dict]]:
             "SGD": [{"lr": lr} for lr in logspace(3e-2, 1.0, configs)]}
 
 
-def step_cost(model_fn, data: Dataset, hp_kfac: dict, schedule: dict, steps: int, repeats: int = 3,
+def step_cost(model_fn, data: Dataset, hp_kfac: dict, schedule: dict, steps: int, rounds: int = 5,
               batch_size: int = 128) -> dict:
     """Seconds per training step (zero_grad, forward, backward, step) of K-FAC, Adam and
-    SGD-momentum, interleaved, best of ``repeats`` blocks of ``steps``; and of K-FAC's
-    preconditioning products ``G^-1 M A^-1`` alone. A K-FAC step does at least an SGD-momentum
-    step's work plus those products, so ``(SGD + products) / Adam`` bounds the ratio from below."""
+    SGD-momentum, and of K-FAC's preconditioning products ``G^-1 M A^-1`` alone.
+
+    Each round runs ``steps`` steps of each optimizer back to back, continuing the same three
+    runs (after one untimed round), so a slow phase of a shared machine hits all three alike;
+    ratios are taken within a round and the median over rounds is reported, with their range.
+    ``steps`` should be a multiple of K-FAC's ``inverse_every``, so that every round carries its
+    share of factor and inverse updates. A K-FAC step does at least an SGD-momentum step's work
+    plus the products, so ``(SGD + products) / Adam`` bounds the ratio from below."""
     batches = data.batches(batch_size)
-    best = {"KFAC": float("inf"), "Adam": float("inf"), "SGD": float("inf"), "precondition": float("inf")}
     hps = {"KFAC": hp_kfac, "Adam": {"lr": 1e-3}, "SGD": {"lr": 1e-3}}
-    for _ in range(repeats):
-        for name in ("KFAC", "Adam", "SGD"):
-            torch.manual_seed(0)
-            model = model_fn()
-            opt = make_optimizer(name, model.parameters(), hps[name], schedule)
+    runs = {}
+    for name, hp in hps.items():
+        torch.manual_seed(0)
+        model = model_fn()
+        runs[name] = (model, make_optimizer(name, model.parameters(), hp, schedule))
+    seconds: dict[str, list[float]] = {name: [] for name in (*hps, "precondition")}
+    done = 0
+    for round_ in range(rounds + 1):
+        for name, (model, opt) in runs.items():
             t = time.perf_counter()
-            for i in range(steps):
+            for i in range(done, done + steps):
                 X, y = batches[i % len(batches)]
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(X), y).backward()
                 opt.step()
-            best[name] = min(best[name], (time.perf_counter() - t) / steps)
-            if name == "KFAC":
-                best["precondition"] = min(best["precondition"], precondition_seconds(opt, steps))
-                opt.close()
-    return {"kfac_ms": best["KFAC"] * 1e3, "adam_ms": best["Adam"] * 1e3, "sgd_ms": best["SGD"] * 1e3,
-            "ratio": best["KFAC"] / best["Adam"], "precondition_ms": best["precondition"] * 1e3,
-            "floor": (best["SGD"] + best["precondition"]) / best["Adam"]}
+            if round_:
+                seconds[name].append((time.perf_counter() - t) / steps)
+        if round_:
+            seconds["precondition"].append(precondition_seconds(runs["KFAC"][1], 50))
+        done += steps
+    runs["KFAC"][1].close()
+    ratios = [k / a for k, a in zip(seconds["KFAC"], seconds["Adam"])]
+    floors = [(s + p) / a for s, p, a in zip(seconds["SGD"], seconds["precondition"], seconds["Adam"])]
+    ms = {f"{name.lower()}_ms": statistics.median(times) * 1e3 for name, times in seconds.items()}
+    return {**ms, "ratio": statistics.median(ratios), "ratio_range": (min(ratios), max(ratios)),
+            "floor": statistics.median(floors)}
 
 
 def precondition_seconds(opt: curvopt.KFAC, steps: int) -> float:
@@ -166,12 +180,14 @@ def main(argv: list[str] | None = None) -> dict:
         results[model_name]["step_cost_by_batch"] = {}
         for b in [int(b) for b in args.cost_batch_sizes.split(",")]:
             cost = step_cost(model_fn, data, results[model_name]["KFAC"]["hp"], schedule,
-                             40 if args.quick else 400, batch_size=b)
+                             20 if args.quick else args.inverse_every, rounds=2 if args.quick else 5,
+                             batch_size=b)
             results[model_name]["step_cost_by_batch"][b] = cost
             if b == 128 or "step_cost" not in results[model_name]:
                 results[model_name]["step_cost"] = cost
             print(f"{model_name:<18} batch {b:>4}: K-FAC {cost['kfac_ms']:.2f} ms, Adam {cost['adam_ms']:.2f} ms, "
-                  f"ratio {cost['ratio']:.2f}; SGD-momentum {cost['sgd_ms']:.2f} ms + preconditioning products "
+                  f"ratio {cost['ratio']:.2f} (rounds {cost['ratio_range'][0]:.2f}-{cost['ratio_range'][1]:.2f}); "
+                  f"SGD-momentum {cost['sgd_ms']:.2f} ms + preconditioning products "
                   f"{cost['precondition_ms']:.2f} ms: the ratio is at least {cost['floor']:.2f}")
 
     target = targets[0]
