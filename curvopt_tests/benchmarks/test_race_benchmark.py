@@ -14,7 +14,7 @@ def test_race_benchmark_quick(capsys):
             assert 0.0 <= row["final"] <= 1.0 and row["steps"] > 0 and row["seconds"] > 0
         cost = results[model]["step_cost"]
         assert min(cost["ratio"], cost["precondition_ms"], cost["sgd_ms"], cost["adam_ms"]) > 0
-        assert abs(cost["floor"] - (cost["sgd_ms"] + cost["precondition_ms"]) / cost["adam_ms"]) < 1e-9
+        assert cost["ratio_range"][0] <= cost["ratio"] <= cost["ratio_range"][1] and cost["floor"] > 0
     assert set(results["batch_scaling"]) == {64, 256}
     assert "(c) CNN iterations" in capsys.readouterr().out
 
