@@ -31,6 +31,7 @@ from curvopt.errors import OptionError, ParameterError
 FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
 KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
+KRONECKER_DESCRIPTION = "Linear, and Conv1d/Conv2d with groups=1 and zero padding"
 
 
 def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -38,11 +39,10 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the patches, ordered like ``weight.reshape(out, -1)`` and positions row-major."""
     if isinstance(module, nn.Linear):
         return x.reshape(x.shape[0], -1, x.shape[-1])
-    if isinstance(module.padding, str):
-        raise ParameterError(f"kfac: {module} uses padding={module.padding!r}; give it as numbers")
     dims = x.dim() - 2
-    if any(module.padding):  # F.pad lists the last dimension first
-        x = F.pad(x, [p for p in reversed(module.padding) for _ in range(2)])
+    pads = _conv_pads(module, dims)
+    if any(pads):
+        x = F.pad(x, pads)
     # windows as strided views (Tensor.unfold), then one copy; F.unfold (im2col) loops over
     # samples and needs Conv1d inputs lifted to 2-d
     for i in range(dims):
@@ -52,6 +52,29 @@ def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     n, positions = x.shape[0], x.shape[2:2 + dims]
     x = x.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # [N, T..., C, k...]
     return x.reshape(n, math.prod(positions), -1)
+
+
+def _conv_pads(module: nn.Module, dims: int) -> list[int]:
+    """A convolution's zero padding in ``F.pad``'s order (last dimension first); ``"same"``
+    puts the odd element on the right, as PyTorch does."""
+    if module.padding == "valid":
+        return [0] * (2 * dims)
+    pads = []
+    for i in reversed(range(dims)):
+        if module.padding == "same":
+            total = module.dilation[i] * (module.kernel_size[i] - 1)
+            pads += [total // 2, total - total // 2]
+        else:
+            pads += [module.padding[i]] * 2
+    return pads
+
+
+def kronecker_structured(module: nn.Module) -> bool:
+    """Whether K-FAC factors the layer's weight as ``A ⊗ G``: ``Linear``, and ``Conv1d``/``Conv2d``
+    with ``groups=1`` and zero padding. Other layers' parameters get diagonal blocks."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and module.padding_mode == "zeros"
 
 
 def layer_output_vectors(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -223,14 +246,14 @@ class KFACOperator(CurvatureOperator):
         if self.diagonal_params:
             names = ", ".join(self.param_names[i] for i in self.diagonal_params)
             warnings.warn(f"kfac: no Kronecker structure for {names}; they get a diagonal block "
-                          f"(Kronecker layers: {', '.join(t.__name__ for t in KRONECKER_LAYERS)})", stacklevel=3)
+                          f"(Kronecker layers: {KRONECKER_DESCRIPTION})", stacklevel=3)
 
     # ------------------------------------------------------------------ structure
     def _find_layers(self) -> tuple[list[KroneckerBlock], list[int]]:
         position = {n: i for i, n in enumerate(self.param_names)}
         layers, owned = [], set()
         for mname, module in self.model.named_modules():
-            if not isinstance(module, KRONECKER_LAYERS):
+            if not kronecker_structured(module):
                 continue
             prefix = f"{mname}." if mname else ""
             w, b = position.get(prefix + "weight"), position.get(prefix + "bias")
@@ -239,9 +262,6 @@ class KFACOperator(CurvatureOperator):
                     raise ParameterError(
                         f"kfac: layer {mname!r} has its bias selected without its weight; select both or neither")
                 continue
-            conv = isinstance(module, (nn.Conv1d, nn.Conv2d))
-            if conv and (module.groups != 1 or module.padding_mode != "zeros"):
-                raise ParameterError(f"kfac: layer {mname!r} needs groups=1 and padding_mode='zeros'")
             layers.append(KroneckerBlock(mname, module, w, b))
             owned.update(i for i in (w, b) if i is not None)
         return layers, [i for i in range(len(self.param_names)) if i not in owned]

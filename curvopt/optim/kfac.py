@@ -23,10 +23,11 @@ from torch.optim import Optimizer
 
 from curvopt.curvature.kfac import (
     APPROXIMATIONS,
-    KRONECKER_LAYERS,
+    KRONECKER_DESCRIPTION,
     factored_inverses_cholesky,
     input_factor,
     kronecker_solve,
+    kronecker_structured,
     layer_inputs,
     layer_output_vectors,
     output_factor,
@@ -130,7 +131,7 @@ class KFAC(Optimizer):
     def _record(self, module: nn.Module, inputs: tuple, output: Any) -> None:
         if not torch.is_grad_enabled():
             return
-        if not isinstance(module, KRONECKER_LAYERS):
+        if not kronecker_structured(module):
             if module._parameters:  # most modules own none: this hook runs on every forward
                 self._record_diagonal(module, inputs)
             return
@@ -180,6 +181,12 @@ class KFAC(Optimizer):
         g = layer_output_vectors(module, grads)
         stats["G"] = output_factor(g, group["kfac_approx"], alpha=n, out=stats["G"])
         stats["g_count"] += grads.shape[0]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``; drops the cached per-group plans, which
+        point into the replaced state."""
+        super().load_state_dict(state_dict)
+        self._plans.clear()
 
     def close(self) -> None:
         """Remove the module hook now (it is also removed when the optimizer is collected)."""
@@ -272,9 +279,9 @@ class KFAC(Optimizer):
 
     def _plan(self, group: dict) -> tuple[list[tuple], list[torch.Tensor]]:
         """The group's recorded layers as ``(weight, bias or None, state, bias state, weight size per
-        output)`` and its parameters outside them; cached until the group, the recorded layers
-        or the state dict change, since the step runs this per group on every step."""
-        signature = (len(group["params"]), len(self._layers), id(self.state))
+        output)`` and its parameters outside them; cached until the group or the recorded layers
+        change (or a state dict is loaded), since the step runs this per group on every step."""
+        signature = (len(group["params"]), len(self._layers))
         cached = self._plans.get(id(group))
         if cached is not None and cached[0] == signature:
             return cached[1]
@@ -387,8 +394,8 @@ class KFAC(Optimizer):
             self._warned_diagonal = True
             names = ", ".join(f"{self._diag_counts.get(id(p), (0, 'parameter'))[1]} {tuple(p.shape)}"
                               for p in params)
-            warnings.warn(f"KFAC: {names} not in a Linear/Conv1d/Conv2d layer; they get a diagonal block "
-                          "(moving average of N * grad**2)", stacklevel=5)
+            warnings.warn(f"KFAC: {names} not in a Kronecker layer ({KRONECKER_DESCRIPTION}); they get a "
+                          "diagonal block (moving average of N * grad**2)", stacklevel=5)
         fallback = max([n for n, _ in self._diag_counts.values()]
                        + [stats["a_count"] for stats in self._pending.values()] + [1])
         wd, decay = group["weight_decay"], group["factor_decay"]

@@ -140,6 +140,35 @@ def test_conv_patches_equal_im2col(dims, c, size, kernel, stride, padding, dilat
     assert patches.shape[1] == conv(x.float()).shape[2:].numel()
 
 
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_conv_patches_with_string_padding(padding, kernel):
+    """padding="same" pads dilation * (kernel - 1) zeros, the odd one on the right (as PyTorch)."""
+    from curvopt.curvature.kfac import layer_inputs
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (kernel, 3), padding=padding, dilation=(2, 1)).double()
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
+    th, tw = (2 * (kernel - 1), 2) if padding == "same" else (0, 0)
+    padded = nn.functional.pad(x, [tw // 2, tw - tw // 2, th // 2, th - th // 2])
+    expected = nn.functional.unfold(padded, conv.kernel_size, dilation=conv.dilation).transpose(1, 2)
+    torch.testing.assert_close(layer_inputs(conv, x), expected, rtol=0, atol=0)
+    # the patches reproduce the convolution itself
+    out = layer_inputs(conv, x) @ conv.weight.reshape(3, -1).T + conv.bias
+    torch.testing.assert_close(out.transpose(1, 2).reshape(conv(x).shape), conv(x))
+
+
+def test_grouped_and_circular_convolutions_get_diagonal_blocks():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, groups=2), nn.Conv1d(4, 2, 3, padding=1, padding_mode="circular"),
+                          nn.Flatten(), nn.Linear(2 * 4, 3)).double()
+    X, y = torch.randn(5, 2, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with pytest.warns(UserWarning, match=r"0\.weight.*1\.bias.*groups=1 and zero padding"):
+        op = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), (X, y))
+    assert [block.module_name for block in op.layers] == ["3"]
+    dense = op.to_dense()
+    torch.testing.assert_close(dense, dense.T)
+
+
 @pytest.mark.parametrize("approx", ["expand", "reduce"])
 def test_input_factor_with_bias_equals_the_factor_of_inputs_with_a_one_appended(approx):
     from curvopt.curvature.kfac import input_factor

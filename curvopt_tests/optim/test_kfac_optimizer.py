@@ -208,6 +208,27 @@ def test_diagonal_block_for_other_layers_warns_once_naming_them():
     assert len(messages) == 1 and "LayerNorm.weight (8,)" in messages[0] and "LayerNorm.bias (8,)" in messages[0]
 
 
+def test_grouped_and_circular_convolutions_get_diagonal_blocks():
+    """Convolutions K-FAC cannot factor (groups > 1, non-zero padding modes) train with diagonal
+    blocks, named in the one warning; a padding="same" convolution is factored."""
+    torch.manual_seed(0)
+    grouped = nn.Conv1d(4, 4, 3, groups=2)
+    circular = nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular")
+    same = nn.Conv1d(4, 4, 3, padding="same")
+    model = nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 4, 3), grouped, circular, same, nn.Flatten(),
+                          nn.Linear(4 * 36, 10))
+    opt = curvopt.KFAC(model.parameters())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        _train(model, opt, _batches(2))
+    messages = [str(w.message) for w in rec if "diagonal block" in str(w.message)]
+    assert len(messages) == 1 and "Conv1d.weight (4, 2, 3)" in messages[0]
+    for layer in (grouped, circular):
+        assert "diag" in opt.state[layer.weight] and "A" not in opt.state[layer.weight]
+    assert opt.state[same.weight]["A"].shape == (13, 13)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_diagonal_block_is_a_moving_average_of_n_grad_squared():
     """Parameters outside Kronecker layers: update (g + wd p) / (D + damping), D = EMA of N g^2."""
     torch.manual_seed(0)
