@@ -56,7 +56,9 @@ class KFAC(Optimizer):
         factor_decay: Exponential moving average of the Kronecker factors.
         factor_every: Update the factors every this many steps.
         inverse_every: Recompute the damped factor inverses (by Cholesky; eigendecompositions
-            when ``factored_damping=False``) every this many steps.
+            when ``factored_damping=False``) every this many steps; during the first
+            ``inverse_every`` steps also at every factor update (warm-up: the first factors come
+            from few batches).
         kl_clip: Scale the update so that ``lr^2 * sum(update . grad) <= kl_clip``
             (Ba et al., 2017); ``0`` disables it.
         factored_damping: Split ``lambda`` between the factors with the pi rule of
@@ -324,7 +326,9 @@ class KFAC(Optimizer):
                 plain += [t for t in (p, bias) if t is not None and t.grad is not None]
                 continue
             step = state.get("step", 0)
-            refresh = step % group["inverse_every"] == 0
+            # warm-up: the first factors come from few batches, so until inverse_every steps have
+            # passed the inverses follow every factor update
+            refresh = step % group["inverse_every"] == 0 or (step < group["inverse_every"] and id(p) in new)
             if group["factored_damping"]:
                 # explicit damped inverses by Cholesky: two matmuls per step; a damping changed by
                 # a scheduler takes effect at once, from the current factors
