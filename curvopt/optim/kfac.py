@@ -44,6 +44,21 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _kronecker_product(
+    G_inv: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor | None, A_inv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``G_inv [gw | gb] A_inv`` split into its weight and bias parts, without forming
+    ``[gw | gb]``: with ``A_inv = [[P, q], [q^T, r]]`` the weight part is
+    ``G_inv (gw P + gb q^T)`` and the bias part ``G_inv (gw q + r gb)``. The matrix products then
+    keep the layer's own sizes (often multiples of the SIMD width) instead of one more column."""
+    if gb is None:
+        return G_inv @ gw @ A_inv, None
+    d = gw.shape[1]
+    T = (gw @ A_inv[:d, :d]).addr_(gb, A_inv[:d, d])
+    t = torch.addcmul(gw @ A_inv[:d, d], gb, A_inv[d, d])  # r stays a tensor: no device sync
+    return G_inv @ T, G_inv @ t
+
+
 class KFAC(Optimizer):
     """K-FAC with Tikhonov (optionally factored) damping, KL clipping, momentum and weight decay.
 
@@ -341,25 +356,29 @@ class KFAC(Optimizer):
                     state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
             if wd:
                 gw = gw + wd * p
-            M = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
+            gw = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
+            gb = None
             if bias is not None:
                 gb = bias.grad if bias.grad is not None else torch.zeros_like(bias)
                 if wd:
                     gb = gb + wd * bias
-                M = torch.cat([M, gb[:, None]], dim=1)
             if group["factored_damping"]:
-                R = state["inv_G"] @ M @ state["inv_A"]
+                u_w, u_b = _kronecker_product(state["inv_G"], gw, gb, state["inv_A"])
             else:
+                M = gw if gb is None else torch.cat([gw, gb[:, None]], dim=1)
                 R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, False)
+                u_w, u_b = (R, None) if gb is None else (R[:, :d_w], R[:, d_w])
             params.append(p)
-            steps.append(R[:, :d_w].view_as(p))
+            steps.append(u_w.view_as(p))
             states.append(state)
-            if bias is not None and bias.grad is not None:  # a bias without a gradient stays put
+            if u_b is not None and bias.grad is not None:  # a bias without a gradient stays put
                 params.append(bias)
-                steps.append(R[:, d_w])
+                steps.append(u_b)
                 states.append(bias_state)
-            if kl:  # update . grad of the whole layer at once
-                dots.append(torch.vdot(R.view(-1), M.reshape(-1)))
+            if kl:  # update . grad of the whole layer
+                dots.append(torch.vdot(u_w.reshape(-1), gw.reshape(-1)))
+                if u_b is not None:
+                    dots.append(torch.dot(u_b, gb))
             state["step"] = step + 1
         others = self._diagonal_updates(group, [p for p in others if p.grad is not None])
         others += [(p, p.grad + wd * p if wd else p.grad, p.grad) for p in plain]
