@@ -91,7 +91,8 @@ def input_factor(a: torch.Tensor, approx: str, *, bias: bool = False, alpha: flo
     """``A``: mean of ``a a^T`` over samples (and positions for ``expand``), ``a`` ``[N, T, d]``,
     with a constant 1 appended to ``a`` for a ``bias``; times ``alpha``, and added to ``out``
     in place when it is given. The bias row and column are the input sums, so the inputs are
-    never copied to append the 1."""
+    never copied to append the 1. Half-precision inputs are summed in float32."""
+    a = _statistics_dtype(a)
     if approx == "reduce":
         a = a.mean(1, keepdim=True)
     a = a.reshape(-1, a.shape[-1])
@@ -114,10 +115,17 @@ def output_factor(g: torch.Tensor, approx: str, *, alpha: float = 1.0,
     """``sum g g^T`` over vectors, samples and positions (positions summed first for
     ``reduce``), for ``g`` of shape ``[K, N, T, out]``; times ``alpha``, and added to ``out``
     in place when it is given."""
+    g = _statistics_dtype(g)
     if approx == "reduce":
         g = g.sum(2, keepdim=True)
     g = g.reshape(-1, g.shape[-1])
     return _gram(g, alpha, out)
+
+
+def _statistics_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision activations and gradients (autocast) in float32: their second-moment
+    sums overflow float16 (65504) at ordinary magnitudes, and a GradScaler's scale squares."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _gram(x: torch.Tensor, alpha: float, out: torch.Tensor | None) -> torch.Tensor:

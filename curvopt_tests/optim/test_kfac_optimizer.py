@@ -348,6 +348,32 @@ def test_grad_scaler_factors_equal_unscaled_ones():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_autocast_float16_statistics_are_summed_in_float32():
+    """Under float16 autocast, inputs of magnitude 100 give second moments beyond float16's
+    65504: the factors are accumulated in float32, so steps are taken, not skipped."""
+    torch.manual_seed(0)
+    plain = mlp((40, 16, 10))
+    half = copy.deepcopy(plain)
+    X, y = torch.randn(128, 40) * 100, torch.randint(0, 10, (128,))
+    opt_plain, opt_half = curvopt.KFAC(plain.parameters()), curvopt.KFAC(half.parameters())
+    opt_plain.zero_grad()
+    nn.functional.cross_entropy(plain(X), y).backward()
+    opt_plain.step()
+    opt_half.zero_grad()
+    before = half[0].weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a skipped step warns
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = half(X)
+        nn.functional.cross_entropy(out.float(), y).backward()
+        opt_half.step()
+    for p, q in [(plain[0].weight, half[0].weight), (plain[2].weight, half[2].weight)]:
+        for key in ("A", "G"):
+            assert opt_half.state[q][key].dtype == torch.float32
+            torch.testing.assert_close(opt_half.state[q][key], opt_plain.state[p][key], rtol=2e-2, atol=1e-3)
+    assert not torch.equal(half[0].weight, before)  # the step was taken
+
+
 def test_zero_grad_drops_statistics_of_a_step_that_was_not_taken():
     torch.manual_seed(0)
     model = mlp((40, 8, 10))
