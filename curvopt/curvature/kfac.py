@@ -30,7 +30,6 @@ from curvopt.errors import OptionError, ParameterError
 
 FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
-KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 KRONECKER_DESCRIPTION = "Linear, and Conv1d/Conv2d with groups=1 and zero padding"
 
 
