@@ -89,7 +89,10 @@ class KFAC(Optimizer):
 
     Statistics recorded by forward and backward passes belong to the gradients they came
     with: they accumulate over several backward calls (gradient accumulation) and are
-    dropped by ``zero_grad()`` and by a skipped step.
+    dropped by ``zero_grad()`` and by a skipped step. Like the gradient, the factors are then
+    those of the loss averaged over all the step's samples when each micro-batch's mean loss is
+    weighted by its share of them (``loss * len(batch) / total``, or ``/ k`` for ``k`` equal
+    micro-batches): one step on the micro-batches equals one step on them together.
 
     Parameters outside Kronecker layers (norm layers, embeddings, ...) get a diagonal block:
     a moving average of ``N * grad**2`` (``N`` the samples their module saw since the last
@@ -164,7 +167,8 @@ class KFAC(Optimizer):
         bias = module.bias is not None and id(module.bias) in owned
         stats = self._pending.get(key)
         if stats is None:  # sums over the step's batches, normalized when the step takes them
-            stats = self._pending[key] = {"A": None, "a_count": 0, "G": None, "g_count": 0, "outputs": []}
+            stats = self._pending[key] = {"A": None, "a_count": 0, "G": None, "g_count": 0, "g_calls": 0,
+                                          "g_samples": 0, "outputs": []}
         with torch.no_grad():
             a = layer_inputs(module, inputs[0].detach())
             n = a.shape[0]
@@ -193,11 +197,16 @@ class KFAC(Optimizer):
     @staticmethod
     @torch.no_grad()
     def _add_G(stats: dict, module: nn.Module, group: dict, grads: torch.Tensor, n: int) -> None:
-        """Add ``N sum g g^T`` for gradients ``[S, N, ...]`` of a mean loss w.r.t. a layer output
-        (``(1/N) d l_n / d s``), averaged over the ``S`` draws: the Fisher's output factor."""
+        """Add ``sum g g^T`` for gradients ``[S, N, ...]`` w.r.t. a layer output, with their
+        counts. The step's ``G`` is ``N_total sum g g^T / S``: for gradients of a mean over all
+        ``N_total`` samples of the step (``(1/N_total) d l_n / d s``, also when they arrive in
+        several backward calls of micro-batches whose losses are divided by their number), the
+        Fisher's output factor, averaged over the ``S`` draws."""
         g = layer_output_vectors(module, grads)
-        stats["G"] = output_factor(g, group["kfac_approx"], alpha=n, out=stats["G"])
+        stats["G"] = output_factor(g, group["kfac_approx"], out=stats["G"])
         stats["g_count"] += grads.shape[0]
+        stats["g_calls"] += 1
+        stats["g_samples"] += n
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``; drops the cached per-group plans, which
@@ -283,7 +292,7 @@ class KFAC(Optimizer):
         for key, stats in self._pending.items():
             if stats["G"] is None or stats["a_count"] == 0:
                 continue  # a forward without a backward through this layer
-            g_count = float(stats["g_count"])
+            g_count = stats["g_count"] / stats["g_calls"] / stats["g_samples"]  # G = sum / this
             if self.grad_scaler is not None and self.grad_scaler.is_enabled():
                 g_count *= float(self.grad_scaler.get_scale()) ** 2
             new[key] = (stats["A"], float(stats["a_count"]), stats["G"], g_count)

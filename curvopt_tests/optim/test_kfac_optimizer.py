@@ -197,6 +197,28 @@ def test_gradient_accumulation_averages_the_input_factor_over_all_samples():
     torch.testing.assert_close(opt.state[model[0].weight]["A"], a.T @ a / 64)
 
 
+def test_gradient_accumulation_equals_one_full_batch_step():
+    """Micro-batches of 40 and 24 whose losses are weighted to the mean over all 64 samples give
+    the factors (A and G) and the update of one step on the 64 samples together."""
+    torch.manual_seed(0)
+    full = mlp((40, 8, 10))
+    accumulated = copy.deepcopy(full)
+    X, y = _batches(1)[0]
+    opt_full, opt_acc = curvopt.KFAC(full.parameters()), curvopt.KFAC(accumulated.parameters())
+    opt_full.zero_grad()
+    nn.functional.cross_entropy(full(X), y).backward()
+    opt_full.step()
+    opt_acc.zero_grad()
+    for Xh, yh in zip(X.split([40, 24]), y.split([40, 24])):
+        (nn.functional.cross_entropy(accumulated(Xh), yh) * len(yh) / 64).backward()
+    opt_acc.step()
+    for p, q in [(full[0].weight, accumulated[0].weight), (full[2].weight, accumulated[2].weight)]:
+        for key in ("A", "G"):
+            torch.testing.assert_close(opt_acc.state[q][key], opt_full.state[p][key])
+    for p, q in zip(full.parameters(), accumulated.parameters()):
+        torch.testing.assert_close(q, p)
+
+
 def test_diagonal_block_for_other_layers_warns_once_naming_them():
     torch.manual_seed(0)
     model = _norm_mlp()
