@@ -174,6 +174,22 @@ def _damped_inverse(M: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _inverse_from_eig((lam.clamp_min(0.0), Q), shift)
 
 
+def factored_product(
+    G_inv: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor | None, A_inv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's K-FAC update ``G_inv [gw | gb] A_inv`` (weight gradient ``gw`` ``[out, in]``, bias
+    gradient ``gb`` ``[out]`` or None), as its weight and bias parts, without forming
+    ``[gw | gb]``: with ``A_inv = [[P, q], [q^T, r]]`` the weight part is
+    ``G_inv (gw P + gb q^T)`` and the bias part ``G_inv (gw q + r gb)``. The matrix products then
+    keep the layer's own sizes (often multiples of the SIMD width) instead of one more column."""
+    if gb is None:
+        return G_inv @ gw @ A_inv, None
+    d = gw.shape[1]
+    T = (gw @ A_inv[:d, :d]).addr_(gb, A_inv[:d, d])
+    t = torch.addcmul(gw @ A_inv[:d, d], gb, A_inv[d, d])  # r stays a tensor: no device sync
+    return G_inv @ T, G_inv @ t
+
+
 def kronecker_solve(
     M: torch.Tensor,
     eig_A: tuple[torch.Tensor, torch.Tensor],

@@ -25,6 +25,7 @@ from curvopt.curvature.kfac import (
     APPROXIMATIONS,
     KRONECKER_DESCRIPTION,
     factored_inverses_cholesky,
+    factored_product,
     input_factor,
     kronecker_solve,
     kronecker_structured,
@@ -44,19 +45,19 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _kronecker_product(
-    G_inv: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor | None, A_inv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``G_inv [gw | gb] A_inv`` split into its weight and bias parts, without forming
-    ``[gw | gb]``: with ``A_inv = [[P, q], [q^T, r]]`` the weight part is
-    ``G_inv (gw P + gb q^T)`` and the bias part ``G_inv (gw q + r gb)``. The matrix products then
-    keep the layer's own sizes (often multiples of the SIMD width) instead of one more column."""
-    if gb is None:
-        return G_inv @ gw @ A_inv, None
-    d = gw.shape[1]
-    T = (gw @ A_inv[:d, :d]).addr_(gb, A_inv[:d, d])
-    t = torch.addcmul(gw @ A_inv[:d, d], gb, A_inv[d, d])  # r stays a tensor: no device sync
-    return G_inv @ T, G_inv @ t
+def _decayed(grad: torch.Tensor, p: torch.Tensor, wd: float) -> torch.Tensor:
+    """The gradient with the L2 penalty's ``wd * p`` added (``grad`` itself when ``wd`` is 0)."""
+    return grad + wd * p if wd else grad
+
+
+def _average_factors(state: dict, new: dict[str, tuple[torch.Tensor, float]], decay: float) -> None:
+    """Moving averages ``A <- decay A + (1 - decay) sum / divisor`` (and ``G``), in place: no
+    factor-sized temporaries. The first step's sums are not used again: they become the factors."""
+    for name, (total, divisor) in new.items():
+        if name in state:
+            state[name].mul_(decay).add_(total, alpha=(1 - decay) / divisor)
+        else:
+            state[name] = total.div_(divisor)
 
 
 class KFAC(Optimizer):
@@ -284,19 +285,19 @@ class KFAC(Optimizer):
         self._clear()
         return loss
 
-    def _new_factors(self) -> dict[int, tuple[torch.Tensor, float, torch.Tensor, float]] | None:
-        """``id(weight) -> (sum for A, its count, sum for G, its count)`` of this step's statistics
-        (``A = sum / count``; the counts fold in the GradScaler's scale), or None if one is not
-        finite."""
+    def _new_factors(self) -> dict[int, dict[str, tuple[torch.Tensor, float]]] | None:
+        """``id(weight) -> {"A": (sum, divisor), "G": (sum, divisor)}`` of this step's statistics
+        (the factor is ``sum / divisor``; G's divisor folds in the GradScaler's scale), or None
+        if one is not finite."""
         new = {}
         for key, stats in self._pending.items():
             if stats["G"] is None or stats["a_count"] == 0:
                 continue  # a forward without a backward through this layer
-            g_count = stats["g_count"] / stats["g_calls"] / stats["g_samples"]  # G = sum / this
+            g_divisor = stats["g_count"] / stats["g_calls"] / stats["g_samples"]  # draws per call / samples
             if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-                g_count *= float(self.grad_scaler.get_scale()) ** 2
-            new[key] = (stats["A"], float(stats["a_count"]), stats["G"], g_count)
-        if new and not _all_finite([t for A, _, G, _ in new.values() for t in (A, G)]):
+                g_divisor *= float(self.grad_scaler.get_scale()) ** 2
+            new[key] = {"A": (stats["A"], float(stats["a_count"])), "G": (stats["G"], g_divisor)}
+        if new and not _all_finite([total for factors in new.values() for total, _ in factors.values()]):
             warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
                           stacklevel=3)
             self._clear()
@@ -339,13 +340,8 @@ class KFAC(Optimizer):
             gw = p.grad
             if gw is None:
                 continue
-            if id(p) in new:  # moving averages, in place: no factor-sized temporaries
-                decay = group["factor_decay"]
-                for name, total, count in zip("AG", new[id(p)][::2], new[id(p)][1::2]):
-                    if name in state:
-                        state[name].mul_(decay).add_(total, alpha=(1 - decay) / count)
-                    else:  # this step's sums are not used again: they become the factors
-                        state[name] = total.div_(count)
+            if id(p) in new:
+                _average_factors(state, new[id(p)], group["factor_decay"])
             if "A" not in state:  # no statistics yet: plain gradient step for this layer
                 plain += [t for t in (p, bias) if t is not None and t.grad is not None]
                 continue
@@ -363,16 +359,13 @@ class KFAC(Optimizer):
                 for name in ("A", "G"):
                     lam, Q = torch.linalg.eigh(state[name])
                     state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
-            if wd:
-                gw = gw + wd * p
+            gw = _decayed(gw, p, wd)
             gw = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
             gb = None
             if bias is not None:
-                gb = bias.grad if bias.grad is not None else torch.zeros_like(bias)
-                if wd:
-                    gb = gb + wd * bias
+                gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd)
             if group["factored_damping"]:
-                u_w, u_b = _kronecker_product(state["inv_G"], gw, gb, state["inv_A"])
+                u_w, u_b = factored_product(state["inv_G"], gw, gb, state["inv_A"])
             else:
                 M = gw if gb is None else torch.cat([gw, gb[:, None]], dim=1)
                 R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, False)
@@ -389,9 +382,9 @@ class KFAC(Optimizer):
                 if u_b is not None:
                     dots.append(torch.dot(u_b, gb))
             state["step"] = step + 1
-        others = self._diagonal_updates(group, [p for p in others if p.grad is not None])
-        others += [(p, p.grad + wd * p if wd else p.grad, p.grad) for p in plain]
-        for p, u, _ in others:
+        extra = self._diagonal_updates(group, [p for p in others if p.grad is not None])
+        extra += [(p, _decayed(p.grad, p, wd), p.grad) for p in plain]
+        for p, u, _ in extra:
             params.append(p)
             steps.append(u)
             states.append(self.state[p])
@@ -399,7 +392,7 @@ class KFAC(Optimizer):
             return
         scale = 1.0
         if kl:
-            dots += [torch.vdot(u.reshape(-1), g.reshape(-1)) for _, u, g in others]
+            dots += [torch.vdot(u.reshape(-1), g.reshape(-1)) for _, u, g in extra]
             vg = float(torch.stack(dots).sum()) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
@@ -440,6 +433,6 @@ class KFAC(Optimizer):
                 D = p.grad.square() * n
                 state["diag"] = D if "diag" not in state else decay * state["diag"] + (1 - decay) * D
             state["step"] = step + 1
-            grad = p.grad + wd * p if wd else p.grad
+            grad = _decayed(p.grad, p, wd)
             out.append((p, grad / (state["diag"] + group["damping"]), grad))
         return out
