@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 import curvopt
+from curvopt.curvature.kfac import factored_product
 from curvopt.data import Dataset
 from curvopt.models import cnn1d, mlp
 
@@ -77,7 +78,7 @@ def grids(configs: int) -> dict[str, list[dict]]:
 def step_cost(model_fn, data: Dataset, hp_kfac: dict, schedule: dict, steps: int, rounds: int = 5,
               batch_size: int = 128) -> dict:
     """Seconds per training step (zero_grad, forward, backward, step) of K-FAC, Adam and
-    SGD-momentum, and of K-FAC's preconditioning products ``G^-1 M A^-1`` alone.
+    SGD-momentum, and of K-FAC's preconditioning products ``G^-1 [gW | gb] A^-1`` alone.
 
     Each round runs ``steps`` steps of each optimizer back to back, continuing the same three
     runs (after one untimed round), so a slow phase of a shared machine hits all three alike;
@@ -116,13 +117,18 @@ def step_cost(model_fn, data: Dataset, hp_kfac: dict, schedule: dict, steps: int
 
 
 def precondition_seconds(opt: curvopt.KFAC, steps: int) -> float:
-    """Seconds per step of the two products per layer that every K-FAC step makes."""
-    inverses = [(s["inv_G"], s["inv_A"]) for s in opt.state.values() if "inv_A" in s]
-    grads = [torch.randn(G.shape[0], A.shape[0]) for G, A in inverses]
+    """Seconds per step of the preconditioning products every K-FAC step makes, by the
+    optimizer's own function (:func:`curvopt.curvature.kfac.factored_product`)."""
+    layers = []
+    for p, s in opt.state.items():
+        if "inv_A" in s:
+            d_w = p.numel() // p.shape[0]
+            bias = torch.randn(p.shape[0]) if s["inv_A"].shape[0] == d_w + 1 else None
+            layers.append((s["inv_G"], torch.randn(p.shape[0], d_w), bias, s["inv_A"]))
     t = time.perf_counter()
     for _ in range(steps):
-        for (G_inv, A_inv), M in zip(inverses, grads):
-            G_inv @ M @ A_inv
+        for layer in layers:
+            factored_product(*layer)
     return (time.perf_counter() - t) / steps
 
 
