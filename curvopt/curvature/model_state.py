@@ -1,0 +1,101 @@
+"""What a curvature pass may do to a model while it runs, and how everything is put back.
+
+Every pass of curvopt over a user's model (curvature products, K-FAC statistics, trial
+points of the Newton-type optimizers, loss landscapes) runs inside :func:`curvature_pass`,
+which makes the model twice differentiable with PyTorch's defaults and leaves no trace:
+
+* attention runs on the math kernel of ``F.scaled_dot_product_attention`` (the fused CPU
+  and GPU kernels have no double backward and no forward-mode derivative) and the fused
+  ``nn.TransformerEncoderLayer``/``nn.MultiheadAttention`` fast path is off (no forward
+  mode); both settings are restored on exit;
+* normalization layers in training mode (``BatchNorm*``, ``InstanceNorm*`` with running
+  statistics) normalize with the batch statistics, as in training, but do not update their
+  running statistics: the curvature is that of the batch loss the training step sees;
+* the global random number generators are forked: randomness inside the pass (dropout
+  masks, which :func:`seed_batch` makes one per batch) does not advance the user's stream;
+* buffers and the train/eval flags of every module are restored, bit for bit, on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+#: Seed offset of the per-batch dropout masks (any fixed number; one operator, one mask per batch).
+MASK_SEED = 20_240_917
+
+
+def _attention_kernels() -> contextlib.AbstractContextManager:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):  # pragma: no cover - old torch
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def _devices(model: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+
+
+def train_mode_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the normalization layers that use batch statistics and update running
+    statistics in the model's current mode (``BatchNorm*`` or ``InstanceNorm*`` in training mode
+    with ``track_running_stats``)."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, _NormBase) and m.training and m.track_running_stats]
+
+
+def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the dropout layers that are active in the model's current mode."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+
+
+@contextlib.contextmanager
+def curvature_pass(model: nn.Module) -> Iterator[None]:
+    """Run a curvature pass over ``model``: twice differentiable, and without side effects.
+
+    See the module docstring for what is changed inside and restored on exit (on exceptions too).
+    """
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    norms = [m for _, m in train_mode_norms(model)]
+    for m in norms:
+        m.track_running_stats = False  # batch statistics, no update (see nn.BatchNorm's forward)
+    try:
+        with torch.random.fork_rng(devices=_devices(model)), _attention_kernels(), _no_mha_fastpath():
+            yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for b, saved in buffers:
+                if b.shape != saved.shape or not torch.equal(b, saved):
+                    b.data = saved  # also undoes a resize; same dtype and device
+
+
+def seed_batch(index: int, seed: int = 0) -> None:
+    """Seed the (forked) global generators for batch ``index``: every forward pass of a batch inside
+    :func:`curvature_pass` draws the same dropout masks, so an operator is one fixed matrix.
+    Call it at the start of each forward pass, inside :func:`curvature_pass` only."""
+    torch.manual_seed(MASK_SEED + 1_000_003 * int(seed) + int(index))
