@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
+
+from curvopt.errors import ShapeError
 
 
 def mlp(widths: Sequence[int] = (40, 256, 256, 10), activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
@@ -31,3 +34,120 @@ def cnn1d(length: int = 40, channels: int = 32, classes: int = 10) -> nn.Sequent
         nn.Flatten(),
         nn.Linear(channels * ((length + 1) // 2), classes),
     )
+
+
+def _tokens(length: int, patch: int, builder: str) -> int:
+    if patch < 1 or length < 1 or length % patch:
+        raise ShapeError(
+            f"{builder}(length={length}, patch={patch}): the input of length {length} is read as "
+            f"length // patch tokens of patch features, so length must be a positive multiple of patch "
+            f"(e.g. patch in {[d for d in range(1, length + 1) if length % d == 0] if length > 0 else [1]})"
+        )
+    return length // patch
+
+
+class Patches(nn.Module):
+    """Reads ``[..., length]`` signals as ``[..., length // patch, patch]`` token sequences.
+
+    Works on batched inputs ``[N, length]`` and on single samples ``[length]`` (as under
+    ``torch.func.vmap`` over samples).
+    """
+
+    def __init__(self, length: int, patch: int) -> None:
+        super().__init__()
+        self.length, self.patch = length, patch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.length:
+            raise ShapeError(f"expected inputs [N, {self.length}] (built with length={self.length}), "
+                             f"got {list(x.shape)}")
+        return x.unflatten(-1, (self.length // self.patch, self.patch))
+
+    def extra_repr(self) -> str:
+        return f"length={self.length}, patch={self.patch}"
+
+
+class LearnedPositions(nn.Module):
+    """Adds a learned embedding ``[tokens, d_model]`` to each token of ``[..., tokens, d_model]``."""
+
+    def __init__(self, tokens: int, d_model: int) -> None:
+        super().__init__()
+        # small init, as BERT/ViT: positions start as a perturbation of the token embedding
+        self.weight = nn.Parameter(0.02 * torch.randn(tokens, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
+class MeanPool(nn.Module):
+    """Mean over the token axis: ``[..., tokens, d] -> [..., d]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(-2)
+
+
+class TransformerClassifier(nn.Module):
+    """Patch embedding, learned positions, ``nn.TransformerEncoder``, mean pooling, LayerNorm, Linear.
+
+    Built by :func:`transformer`; submodules ``patches``, ``embed``, ``pos``, ``encoder``,
+    ``pool``, ``norm``, ``head`` (names show up in per-layer reports).
+    """
+
+    def __init__(self, length: int, classes: int, patch: int, d_model: int, heads: int, layers: int,
+                 dim_feedforward: int, dropout: float) -> None:
+        super().__init__()
+        tokens = _tokens(length, patch, "transformer")
+        if d_model % heads:
+            raise ShapeError(f"transformer(d_model={d_model}, heads={heads}): d_model must be a multiple of "
+                             f"heads (each head gets d_model // heads features)")
+        self.patches = Patches(length, patch)
+        self.embed = nn.Linear(patch, d_model)
+        self.pos = LearnedPositions(tokens, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward, dropout, batch_first=True)
+        # enable_nested_tensor only matters with padding masks (none here) and warns for some settings
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.pool = MeanPool()
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pos(self.embed(self.patches(x)))
+        return self.head(self.norm(self.pool(self.encoder(h))))
+
+
+def transformer(length: int = 40, classes: int = 10, *, patch: int = 4, d_model: int = 32, heads: int = 4,
+                layers: int = 2, dim_feedforward: int = 64, dropout: float = 0.1) -> nn.Module:
+    """A small transformer classifier for 1-D signals ``[N, length]`` (e.g. mnist1d) -> logits ``[N, classes]``.
+
+    The signal is read as ``length // patch`` tokens of ``patch`` features (as ViT reads image
+    patches, Dosovitskiy et al., 2021), embedded by a Linear layer plus a learned positional
+    embedding, encoded by ``layers`` ``nn.TransformerEncoderLayer(d_model, heads, dim_feedforward,
+    dropout, batch_first=True)`` with PyTorch's other defaults (post-norm, ReLU), mean-pooled over
+    tokens, normalized by a LayerNorm and classified by a Linear layer.
+
+    Raises:
+        ShapeError: ``length`` is not a multiple of ``patch`` or ``d_model`` not a multiple of ``heads``.
+    """
+    return TransformerClassifier(length, classes, patch, d_model, heads, layers, dim_feedforward, dropout)
+
+
+class LastState(nn.Module):
+    """The output of a batch-first recurrent layer at the last time step: ``[..., T, H] -> [..., H]``."""
+
+    def forward(self, out: tuple[torch.Tensor, object]) -> torch.Tensor:
+        return out[0][..., -1, :]
+
+
+def lstm(length: int = 40, classes: int = 10, *, patch: int = 4, hidden: int = 32) -> nn.Sequential:
+    """An LSTM classifier for 1-D signals ``[N, length]`` -> logits ``[N, classes]``.
+
+    The signal is read as ``length // patch`` time steps of ``patch`` features (as in
+    :func:`transformer`), run through one ``nn.LSTM(patch, hidden, batch_first=True)``, and the
+    output of the last step is classified by a Linear layer.
+
+    Raises:
+        ShapeError: ``length`` is not a multiple of ``patch``.
+    """
+    _tokens(length, patch, "lstm")
+    return nn.Sequential(Patches(length, patch), nn.LSTM(patch, hidden, batch_first=True), LastState(),
+                         nn.Linear(hidden, classes))
