@@ -97,7 +97,7 @@ def cubic_subproblem(
     best = SolveResult(torch.zeros_like(g), 0, "max_iterations", g_norm, model_value=0.0)
     for state in _lanczos_steps(Shifted(H, shift), g, max_iter):
         m = state.alpha.shape[0]
-        if not (finite(state.Q[:, -1]) and math.isfinite(float(state.alpha[-1])) and
+        if not (finite(state.basis.last()) and math.isfinite(float(state.alpha[-1])) and
                 math.isfinite(float(state.beta[-1]))):
             best.reason, best.iterations = "nonfinite", m
             return best
@@ -105,7 +105,7 @@ def cubic_subproblem(
         T = np.diag(a) + np.diag(b[:-1], 1) + np.diag(b[:-1], -1)
         y, value = cubic_reduced(T, g_norm, float(sigma))
         residual = abs(float(b[-1]) * float(y[-1]))
-        s = state.Q @ torch.as_tensor(y, dtype=state.Q.dtype, device=state.Q.device)
+        s = state.basis.combine(torch.as_tensor(y))
         best = SolveResult(s, m, "max_iterations", residual, model_value=value)
         if state.exhausted:
             best.reason = "exact"

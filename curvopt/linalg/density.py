@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from curvopt.linalg.lanczos import lanczos_tridiagonal
+from curvopt.linalg.lanczos import _final_state
 from curvopt.linalg.operator import SymmetricOperator, rademacher, size_of
 
 
@@ -16,7 +16,9 @@ def slq_nodes(
     """Quadrature nodes and weights ``[probes, m]`` of the spectral measure of ``A``.
 
     Each probe is a Rademacher vector; its Lanczos tridiagonal ``T`` gives nodes
-    ``theta_j`` (eigenvalues of ``T``) and weights ``tau_j = (e_1^T s_j)^2``.
+    ``theta_j`` (eigenvalues of ``T``) and weights ``tau_j = (e_1^T s_j)^2``. Memory: one
+    probe's Lanczos basis at a time, grown with its steps (at most ``steps`` vectors of
+    size ``P``, which full reorthogonalization needs).
     """
     P = size_of(A)
     steps = min(steps, P)
@@ -24,7 +26,9 @@ def slq_nodes(
     weights = torch.zeros(probes, steps, dtype=torch.float64)
     for i in range(probes):
         v = rademacher(P, 1, A, generator).squeeze(1)
-        alpha, beta, _ = lanczos_tridiagonal(A, v, steps)
+        state = _final_state(A, v, steps)  # T only: the basis is not copied out
+        alpha, beta = state.alpha, state.beta
+        del state  # one probe's basis alive at a time
         m = alpha.shape[0]
         T = torch.diag(alpha)
         if m > 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,9 +32,66 @@ class LanczosResult:
     converged: bool
 
 
+#: Columns per storage block of the Lanczos basis: the basis grows one block at a time as
+#: the iteration runs, so a run that converges in ``m`` steps holds ``m`` vectors (plus at
+#: most a block's slack), never ``max_iter`` reserved up front.
+BASIS_BLOCK = 8
+
+
+class _Basis:
+    """Orthonormal columns ``[P, m]`` stored in blocks of :data:`BASIS_BLOCK` columns.
+
+    Memory grows with the number of steps actually taken (at most ``BASIS_BLOCK - 1``
+    unused columns), and nothing is copied as it grows.
+    """
+
+    def __init__(self, P: int, dtype: torch.dtype, device: torch.device, capacity: int) -> None:
+        self.P, self.dtype, self.device, self.capacity = P, dtype, device, capacity
+        self.blocks: list[torch.Tensor] = []
+        self.size = 0
+
+    def append(self, q: torch.Tensor) -> None:
+        j = self.size % BASIS_BLOCK
+        if j == 0:
+            width = min(BASIS_BLOCK, self.capacity - self.size)
+            self.blocks.append(torch.empty(self.P, width, dtype=self.dtype, device=self.device))
+        self.blocks[-1][:, j] = q
+        self.size += 1
+
+    def _views(self) -> list[torch.Tensor]:
+        used = self.size - BASIS_BLOCK * (len(self.blocks) - 1)
+        return self.blocks[:-1] + [self.blocks[-1][:, :used]] if self.blocks else []
+
+    def project_out(self, w: torch.Tensor) -> torch.Tensor:
+        """``w - Q (Q^T w)`` (classical Gram-Schmidt against every column at once)."""
+        views = self._views()
+        coeffs = [B.T @ w for B in views]
+        for B, c in zip(views, coeffs):
+            w = w - B @ c
+        return w
+
+    def combine(self, y: torch.Tensor) -> torch.Tensor:
+        """``Q @ y`` for ``y`` of shape ``[m]`` or ``[m, k]``."""
+        y = y.to(dtype=self.dtype, device=self.device)
+        out, start = None, 0
+        for B in self._views():
+            part = B @ y[start : start + B.shape[1]]
+            out = part if out is None else out + part
+            start += B.shape[1]
+        return out
+
+    def last(self) -> torch.Tensor:
+        """The newest column ``[P]``."""
+        return self.blocks[-1][:, (self.size - 1) % BASIS_BLOCK]
+
+    def dense(self) -> torch.Tensor:
+        """The whole basis as one ``[P, m]`` tensor (a copy)."""
+        return torch.cat(self._views(), dim=1)
+
+
 @dataclass
 class _State:
-    Q: torch.Tensor  # [P, m] Lanczos basis
+    basis: _Basis  # the Lanczos basis Q [P, m], grown one block at a time
     alpha: torch.Tensor  # [m]
     beta: torch.Tensor  # [m]; beta[-1] couples to the next basis vector
     exhausted: bool  # this step closed an invariant subspace
@@ -47,37 +105,40 @@ def _lanczos_steps(
     At an invariant subspace the process ends, or, with ``restart`` (``True`` or a
     generator), continues from a random vector orthogonal to the basis, so that
     further copies of a repeated eigenvalue, which one Krylov space cannot hold, are
-    found too (``T`` becomes block diagonal).
+    found too (``T`` becomes block diagonal). The basis grows as the steps run (see
+    :class:`_Basis`): memory is that of the steps taken, not of ``max_steps``.
     """
     P = size_of(A)
     max_steps = min(max_steps, P)
-    Q = torch.zeros(P, max_steps, dtype=A.dtype, device=A.device)
+    Q = _Basis(P, A.dtype, A.device, max_steps)
     alpha = torch.zeros(max_steps, dtype=torch.float64)
     beta = torch.zeros(max_steps, dtype=torch.float64)
     q = v0.to(dtype=A.dtype, device=A.device)
     q = q / torch.linalg.norm(q)
     for j in range(max_steps):
-        Q[:, j] = q
+        Q.append(q)
         w = matmat(A, q.unsqueeze(1)).squeeze(1)
         alpha[j] = float(q @ w)
+        del q  # the basis holds it; keep one copy of each vector alive
         for _ in range(2):  # full reorthogonalization; "twice is enough" (Parlett)
-            w = w - Q[:, : j + 1] @ (Q[:, : j + 1].T @ w)
+            w = Q.project_out(w)
         b = float(torch.linalg.norm(w))
         beta[j] = b
         m = j + 1
         exhausted = b <= 1e-12 * max(alpha[:m].abs().max().item(), 1e-300)
         if exhausted:
             beta[j] = 0.0
-        yield _State(Q[:, :m], alpha[:m], beta[:m], exhausted)
+        yield _State(Q, alpha[:m], beta[:m], exhausted)
         if not exhausted:
             q = w / b
+            del w
             continue
         if restart is False or m == max_steps:
             return
         gen = restart if isinstance(restart, torch.Generator) else None
         q = gaussian(P, 1, A, gen).squeeze(1)
         for _ in range(2):
-            q = q - Q[:, :m] @ (Q[:, :m].T @ q)
+            q = Q.project_out(q)
         norm = torch.linalg.norm(q)
         if norm <= 1e-10:
             return
@@ -90,10 +151,17 @@ def lanczos_tridiagonal(
     """``steps`` Lanczos steps from ``v0``: ``(alpha [m], beta [m], Q [P, m])`` in float64/``A``'s dtype.
 
     ``T = tridiag(beta[:-1], alpha, beta[:-1])``; fewer than ``steps`` when an invariant
-    subspace is found first.
+    subspace is found first. The basis grows with the steps taken; ``Q`` is assembled at
+    the end (callers that need only ``T`` should use the Lanczos steps directly, as
+    :func:`~curvopt.linalg.slq_nodes` does).
     """
-    *_, last = _lanczos_steps(A, v0, steps)
-    return last.alpha, last.beta, last.Q
+    state = _final_state(A, v0, steps)
+    return state.alpha, state.beta, state.basis.dense()
+
+
+def _final_state(A: SymmetricOperator, v0: torch.Tensor, steps: int) -> _State:
+    """The state after the last of ``steps`` Lanczos steps (no restart)."""
+    return deque(_lanczos_steps(A, v0, steps), maxlen=1)[0]
 
 
 def lanczos(
@@ -117,7 +185,9 @@ def lanczos(
         k: Number of eigenpairs.
         which: ``"largest"`` or ``"smallest"`` (algebraic).
         tol: Relative residual tolerance.
-        max_iter: Most products (default ``max(2k + 40, 80)``, at most ``P``).
+        max_iter: Most products (default ``max(2k + 40, 80)``, at most ``P``). The basis
+            grows with the products actually spent: a run that converges after ``m``
+            products holds about ``m`` vectors of size ``P``, not ``max_iter``.
         min_iter: Fewest products before the convergence test (default ``k + 2``).
         generator: Seeds the (Gaussian) start vector.
         v0: Explicit start vector ``[P]``.
@@ -142,7 +212,7 @@ def lanczos(
         if m == max_iter or bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
             converged = kk == k and bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all())
             break
-    vecs = state.Q @ S[:, :kk].to(dtype=A.dtype, device=A.device)
+    vecs = state.basis.combine(S[:, :kk])
     return LanczosResult(theta[:kk].to(A.dtype), vecs, bounds.to(A.dtype), m, converged)
 
 

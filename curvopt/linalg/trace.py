@@ -63,20 +63,25 @@ def trace_estimate(
         Z = rademacher(P, probes, A, generator)
         AZ = matmat(A, Z)
         return _combine(Z, AZ, None, None, blocks, probes)
+    # Each product needs its probes at once (one pass over the data per product); inputs
+    # that are no longer needed are dropped before the next product.
     s = probes // 3
     S = rademacher(P, s, A, generator)
-    Q, _ = torch.linalg.qr(matmat(A, S))
+    AS = matmat(A, S)
+    del S
+    Q, _ = torch.linalg.qr(AS)
+    del AS
     AQ = matmat(A, Q)
-    G = rademacher(P, probes - 2 * s, A, generator)
-    RG = G - Q @ (Q.T @ G)  # (I - Q Q^T) G
+    RG = rademacher(P, probes - 2 * s, A, generator)
+    RG -= Q @ (Q.T @ RG)  # (I - Q Q^T) G
     ARG = matmat(A, RG)
     return _combine(RG, ARG, Q, AQ, blocks, probes)
 
 
 def _combine(Z, AZ, Q, AQ, blocks, probes) -> TraceEstimate:
     """Exact part ``tr(Q^T A Q)`` plus the Hutchinson mean of ``z^T A z`` over columns."""
-    samples = (Z * AZ).sum(0)  # [m]
-    exact = float((Q * AQ).sum()) if Q is not None else 0.0
+    samples = _column_dots(Z, AZ)  # [m]
+    exact = float(_column_dots(Q, AQ).sum()) if Q is not None else 0.0
     value, stderr = exact + float(samples.mean()), _stderr(samples)
     out = TraceEstimate(value=value, stderr=stderr, probes=probes)
     for name, idx in blocks:
@@ -87,6 +92,12 @@ def _combine(Z, AZ, Q, AQ, blocks, probes) -> TraceEstimate:
         b_exact = float((Q[idx] * AQ[idx]).sum()) if Q is not None else 0.0
         out.blocks[name] = (b_exact + float(b_samples.mean()), _stderr(b_samples))
     return out
+
+
+def _column_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """``[k]`` dot products of matching columns of two ``[P, k]`` matrices, without a
+    ``[P, k]`` temporary (a batched matrix product over the columns)."""
+    return torch.einsum("pk,pk->k", X, Y)
 
 
 def _stderr(samples: torch.Tensor) -> float:
@@ -103,6 +114,7 @@ def diagonal_estimate(
     if probes < 1:
         raise ValueError(f"probes must be positive, got {probes}")
     Z = rademacher(P, probes, A, generator)
-    samples = Z * matmat(A, Z)
+    samples = Z.mul_(matmat(A, Z))  # in place on our own probes: one [P, probes] temporary fewer
+    del Z
     se = samples.std(1, unbiased=True) / math.sqrt(probes) if probes > 1 else torch.full((P,), float("inf"))
     return samples.mean(1), se
