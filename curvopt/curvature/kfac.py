@@ -6,7 +6,17 @@ Each ``Linear``/``Conv1d``/``Conv2d`` layer's block is approximated by ``A ⊗ G
 the loss. For a weight (and bias) ``W~ = [W, b]`` of shape ``[out, in+1]`` the block
 acts as ``W~ -> G W~ A``. Weight sharing (convolutions, sequence dimensions) follows
 Eschenhagen et al. (2023): ``expand`` treats shared positions as extra samples,
-``reduce`` sums the output vectors and averages the inputs over them first.
+``reduce`` sums the output vectors and averages the inputs over them first. A layer
+applied several times in one forward pass shares its weight across the applications:
+they are extra positions in the ``expand`` sense whatever ``kfac_approx`` (``reduce`` acts
+within each application), so ``A`` averages over the rows of all applications and ``G``
+sums ``g g^T`` over them.
+
+Every other parameter gets a diagonal block, the exact diagonal of the same Fisher type:
+recurrent layers (``nn.RNN``/``LSTM``/``GRU``), ``nn.MultiheadAttention`` (its ``in_proj``
+parameters and its ``out_proj``, whose forward never runs: attention applies its weight
+functionally), norm layers, embeddings, and any Kronecker layer whose forward hook did not
+fire in a pass although its weight was used.
 """
 
 from __future__ import annotations
@@ -19,14 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import vjp, vmap
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
-from curvopt.curvature.data_loop import accumulate
 from curvopt.curvature.losses import LossSpec, loss_spec
+from curvopt.curvature.model_state import curvature_pass
 from curvopt.curvature.registry import register_curvature
 from curvopt.curvature.solve import KRYLOV_METHODS
-from curvopt.errors import OptionError, ParameterError
+from curvopt.errors import OptionError, ParameterError, UnsupportedModuleError
 
 FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
@@ -76,6 +86,20 @@ def kronecker_structured(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and module.padding_mode == "zeros"
 
 
+def functional_linears(model: nn.Module) -> set[int]:
+    """``id``s of the ``Linear`` modules whose parent applies their weight functionally, so that
+    their own forward (and its hooks) never runs: ``nn.MultiheadAttention``'s ``out_proj``."""
+    return {id(m.out_proj) for m in model.modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Module)}
+
+
+def sample_coupling_norms(model: nn.Module) -> list[str]:
+    """Names of the ``BatchNorm`` layers that normalize with batch statistics in the model's current
+    mode (training mode, or no running statistics): they couple the samples of a batch."""
+    return [f"{n or '<model>'!r} ({type(m).__name__})" for n, m in model.named_modules()
+            if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
+
+
 def layer_output_vectors(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """Vectors at a layer's output, ``[K, N, out, *spatial]`` (conv) or ``[K, N, *, out]``
     (linear), as ``[K, N, T, out]``."""
@@ -119,6 +143,12 @@ def output_factor(g: torch.Tensor, approx: str, *, alpha: float = 1.0,
         g = g.sum(2, keepdim=True)
     g = g.reshape(-1, g.shape[-1])
     return _gram(g, alpha, out)
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype curvature statistics of tensors of ``dtype`` are accumulated and kept in:
+    float32 for half precision, else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _statistics_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -236,14 +266,33 @@ class KFACOperator(CurvatureOperator):
             model, seeded with ``seed``) or ``"empirical"`` (the true labels).
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-shared layers.
         mc_samples: Label draws per sample for ``"mc"``.
-        seed: Seed of the label draws.
+        seed: Seed of the label draws (and of train-mode dropout masks, one per batch).
         **options: As for :class:`~curvopt.curvature.base.CurvatureOperator`.
 
+    What each layer gets:
+
+    * ``Linear``, ``Conv1d``/``Conv2d`` (``groups=1``, zero padding): ``A ⊗ G`` from the layer's
+      real inputs and output gradients; a layer applied several times per forward pass has
+      its statistics over all applications (extra positions, Eschenhagen et al., 2023).
+    * ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``/``DecoderLayer``):
+      diagonal blocks for ``in_proj_weight``/``in_proj_bias`` and for ``out_proj``, an
+      ``nn.Linear`` whose forward never runs (attention applies its weight functionally).
+    * ``nn.RNN``/``LSTM``/``GRU``, norm layers, embeddings, any other parameter, and a Kronecker
+      layer whose forward hook never fired in a pass (e.g. a ``Linear`` applied through
+      ``F.linear(x, layer.weight)``): diagonal blocks, the exact diagonal of the same Fisher
+      type, from per-sample output vectors backpropagated through one forward pass of the
+      batch (reverse mode only, any batch layout). One warning names these parameters.
+    * ``BatchNorm`` normalizing with batch statistics (training mode): refused with
+      :class:`~curvopt.errors.UnsupportedModuleError`, since K-FAC's per-sample statistics
+      assume samples that do not interact; call ``model.eval()`` or use the ``"ggn"``/``"hessian"``
+      backends, which treat train-mode BatchNorm exactly.
+
     Factors are computed in one pass over the data at the first product and again after
-    a parameter changes. Parameters of other layers (norm layers, embeddings, ...) get a
-    diagonal block, the exact diagonal of the same Fisher type from per-sample products
-    (one warning names them); their layers must treat samples independently (e.g.
-    ``BatchNorm`` in eval mode).
+    a parameter changes, inside :func:`~curvopt.curvature.model_state.curvature_pass` (dropout
+    in training mode draws one mask per batch). Targets ignored by the loss
+    (``CrossEntropyLoss(ignore_index=...)``) do not count: their samples leave ``A``, ``G`` and
+    the diagonal blocks, and the mean runs over the counted targets. Half-precision models
+    have their factors accumulated and kept in float32; products come back in the model's dtype.
 
     ``op.solve(b, damping=d)`` applies ``(K + d I)^{-1}`` exactly through the factors
     (``method="kronecker"``, the default; needs ``d > 0``); ``"minres"`` and ``"cg"`` also work.
@@ -265,7 +314,7 @@ class KFACOperator(CurvatureOperator):
         self.mc_samples, self.seed = mc_samples, int(seed)
         self.layers, self.diagonal_params = self._find_layers()
         self.diagonal: dict[int, torch.Tensor] = {}
-        self._factor_versions: tuple[int, ...] | None = None
+        self._factor_versions: Any = None
         if self.diagonal_params:
             names = ", ".join(self.param_names[i] for i in self.diagonal_params)
             warnings.warn(f"kfac: no Kronecker structure for {names}; they get a diagonal block "
@@ -274,9 +323,10 @@ class KFACOperator(CurvatureOperator):
     # ------------------------------------------------------------------ structure
     def _find_layers(self) -> tuple[list[KroneckerBlock], list[int]]:
         position = {n: i for i, n in enumerate(self.param_names)}
+        functional = functional_linears(self.model)
         layers, owned = [], set()
         for mname, module in self.model.named_modules():
-            if not kronecker_structured(module):
+            if not kronecker_structured(module) or id(module) in functional:
                 continue
             prefix = f"{mname}." if mname else ""
             w, b = position.get(prefix + "weight"), position.get(prefix + "bias")
@@ -289,29 +339,44 @@ class KFACOperator(CurvatureOperator):
             owned.update(i for i in (w, b) if i is not None)
         return layers, [i for i in range(len(self.param_names)) if i not in owned]
 
+    @property
+    def statistics_dtype(self) -> torch.dtype:
+        """The dtype of the factors: float32 for half-precision models, else the model's."""
+        return statistics_dtype(self.dtype)
+
     # ------------------------------------------------------------------ factors
     def factors(self) -> list[KroneckerBlock]:
         """The layers with their current ``A`` and ``G`` (recomputed when parameters changed)."""
         versions = self._versions()
-        if self._factor_versions != versions:
+        if self._factor_versions is None or self._factor_versions != versions:
             self._compute_factors()
             self._factor_versions = versions
         return self.layers
 
     def _compute_factors(self) -> None:
-        sizes = []
-        for layer in self.layers:
-            d_in = layer.module.weight[0].numel() + (layer.bias is not None)
-            sizes.append((d_in, layer.module.weight.shape[0]))
-
-        def product(index: int, X: Any, y: torch.Tensor):
-            X, y = self._to_model(X), self._to_model(y)
-            return self._batch_factors(index, X, y)
-
-        parts = accumulate(product, self.data, reduction=self.reduction, process_group=self.process_group,
-                           progress=self.progress)
+        coupled = sample_coupling_norms(self.model)
+        if coupled:
+            raise UnsupportedModuleError(
+                f"kfac: {', '.join(coupled)} normalize with batch statistics (BatchNorm in training mode), "
+                "which couples the samples that K-FAC's per-sample statistics treat as independent; call "
+                "model.eval() first, or use the 'ggn'/'hessian' backends, which treat train-mode BatchNorm "
+                "exactly")
+        with curvature_pass(self.model):
+            parts = self._factor_pass()
+            missing = [layer for layer, flag in zip(self.layers, parts[-2].tolist()) if flag > 0]
+            if missing:
+                # a weight used without its module's forward (functional use): no Kronecker
+                # statistics exist for it, its exact diagonal does
+                self.layers = [layer for layer in self.layers if all(layer is not m for m in missing)]
+                moved = sorted(i for layer in missing for i in (layer.weight, layer.bias) if i is not None)
+                self.diagonal_params = sorted([*self.diagonal_params, *moved])
+                warnings.warn(
+                    f"kfac: the forward of {', '.join(repr(m.module_name) for m in missing)} did not run in "
+                    f"every batch of the pass, so {', '.join(self.param_names[i] for i in moved)} get a "
+                    "diagonal block (the exact diagonal of the same Fisher type)", stacklevel=4)
+                parts = self._factor_pass()
         count = parts[-1]
-        self.diagonal = dict(zip(self.diagonal_params, parts[2 * len(self.layers):-1]))
+        self.diagonal = dict(zip(self.diagonal_params, parts[2 * len(self.layers):-2]))
         for i, layer in enumerate(self.layers):
             A, G = parts[2 * i], parts[2 * i + 1]
             # A is a mean over samples whatever the loss reduction; under "sum" the loop
@@ -320,82 +385,131 @@ class KFACOperator(CurvatureOperator):
             layer.G = G
             layer.eigen = None
 
+    def _factor_pass(self) -> TensorList:
+        """One pass over the data: ``[A_0, G_0, ..., diagonals..., missing flags [L], count]``."""
+
+        def product(index: int, X: Any, y: torch.Tensor):
+            X, y = self._to_model(X), self._to_model(y)
+            return self._batch_factors(index, X, y)
+
+        return self._accumulate(product, self.data)
+
     def _batch_factors(self, index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
-        captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        captured: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
         hooks = [layer.module.register_forward_hook(
-                     lambda mod, inp, out, i=i: captured.__setitem__(i, (inp[0].detach(), out)))
+                     lambda mod, inp, out, i=i: captured[i].append((inp[0].detach(), out)))
                  for i, layer in enumerate(self.layers)]
         primal = [p.detach().requires_grad_() for p in self._params]
         try:
             with torch.enable_grad():
-                out = self._forward(primal, X)
+                out = self._forward(primal, X, index)
         finally:
             for h in hooks:
                 h.remove()
         if out.dim() != 2:
             raise ParameterError(f"kfac needs network outputs of shape [N, C], got {tuple(out.shape)}")
+        dtype = statistics_dtype(out.dtype)
         detached = out.detach()
         loss = self.loss_fn(detached, y)
         U, weight = self._output_vectors(index, detached, y)  # [K, N, C]
-        outs = [captured[i][1] for i in range(len(self.layers))]
-        grads = torch.autograd.grad(out, outs, grad_outputs=U, is_grads_batched=True, allow_unused=True)
         n = out.shape[0]
-        scale = self.spec.scale(detached) * weight
+        mask = self.spec.counted(detached, y)  # [N, 1] or None: samples whose targets count
+        keep = None if mask is None else mask[:, 0] > 0
+        counted = n if keep is None else int(keep.sum())
+        scale = self.spec.scale(detached, y) * weight
+        outs = [o for apps in captured for _, o in apps]
+        grads = iter(torch.autograd.grad(out, outs, grad_outputs=U, is_grads_batched=True, allow_unused=True,
+                                         retain_graph=bool(self.diagonal_params)) if outs else ())
         result: TensorList = []
+        missing = torch.zeros(len(self.layers), dtype=dtype, device=out.device)
         for i, layer in enumerate(self.layers):
-            a = layer_inputs(layer.module, captured[i][0])  # [N, T, d_in]
-            if grads[i] is None:  # the layer does not reach the output
-                g = torch.zeros(U.shape[0], n, a.shape[1], layer.module.weight.shape[0], dtype=out.dtype,
-                                device=out.device)
-            else:
-                g = layer_output_vectors(layer.module, grads[i])  # [K, N, T, out]
-            A = input_factor(a, self.kfac_approx, bias=layer.bias is not None)
+            if not captured[i]:  # the weight was not applied through the module (see _compute_factors)
+                missing[i] = 1.0
+            A, G = self._layer_factors(layer, captured[i], [next(grads) for _ in captured[i]], U.shape[0], n,
+                                       keep, dtype)
             # "sum": per-batch sums of a a^T, divided by the total count after the loop
-            result += [A if self.reduction == "mean" else A * n, scale * output_factor(g, self.kfac_approx)]
-        result += self._diagonal_blocks(X, U, scale)
-        count = torch.tensor(float(n), dtype=out.dtype, device=out.device)
-        return loss, [*result, count if self.reduction == "sum" else count / n]
+            result += [A if self.reduction == "mean" else A * counted, scale * G]
+        result += self._diagonal_blocks(out, [primal[i] for i in self.diagonal_params], U, keep, scale, dtype)
+        count = torch.tensor(float(counted), dtype=dtype, device=out.device)
+        return loss, [*result, missing, count if self.reduction == "sum" else count / max(counted, 1)]
 
-    def _diagonal_blocks(self, X: Any, U: torch.Tensor, scale: float) -> TensorList:
-        """``scale * sum_{n,k} (J_n^T u_{n,k})^2`` for the parameters without Kronecker structure."""
-        if not self.diagonal_params:
+    def _layer_factors(self, layer: KroneckerBlock, applications: list, grads: list, K: int, n: int,
+                       keep: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` (mean over rows) and ``G`` (sum over rows) of one batch from every application of the
+        layer: input rows ``[rows, d_in]`` and output vectors ``[K, rows, out]``, where ``reduce``
+        merges the positions within each application first."""
+        module, out_dim = layer.module, layer.module.weight.shape[0]
+        d_in = module.weight[0].numel()
+        rows_a, rows_g = [], []
+        for (x, _), g in zip(applications, grads):
+            a = layer_inputs(module, x)  # [N, T, d_in]
+            g = (torch.zeros(K, *a.shape[:2], out_dim, dtype=a.dtype, device=a.device) if g is None
+                 else layer_output_vectors(module, g))  # [K, N, T, out]; None: the layer does not reach the output
+            if keep is not None and a.shape[0] == n:  # ignored targets: their samples do not count
+                a, g = a[keep], g[:, keep]
+            if self.kfac_approx == "reduce":
+                a, g = a.mean(1, keepdim=True), g.sum(2, keepdim=True)
+            rows_a.append(a.reshape(-1, 1, d_in))
+            rows_g.append(g.reshape(K, -1, 1, out_dim))
+        if not rows_a:
+            size = d_in + (layer.bias is not None)
+            return (torch.zeros(size, size, dtype=dtype, device=module.weight.device),
+                    torch.zeros(out_dim, out_dim, dtype=dtype, device=module.weight.device))
+        a = rows_a[0] if len(rows_a) == 1 else torch.cat(rows_a)
+        g = rows_g[0] if len(rows_g) == 1 else torch.cat(rows_g, 1)
+        if a.shape[0] == 0:  # every target of the batch ignored
+            size = d_in + (layer.bias is not None)
+            return a.new_zeros(size, size, dtype=dtype), g.new_zeros(out_dim, out_dim, dtype=dtype)
+        return input_factor(a, "expand", bias=layer.bias is not None), output_factor(g, "expand")
+
+    def _diagonal_blocks(self, out: torch.Tensor, params: list[torch.Tensor], U: torch.Tensor,
+                         keep: torch.Tensor | None, scale: float, dtype: torch.dtype) -> TensorList:
+        """``scale * sum_{n,k} (J_n^T u_{n,k})^2`` for the parameters without Kronecker structure.
+
+        ``J_n^T u_{n,k}`` is the backward pass of the batch output ``out`` ``[N, C]`` with ``u_{n,k}``
+        at sample ``n`` and zeros elsewhere: reverse mode only (recurrent kernels have no forward
+        mode), one forward pass for the batch (so any batch layout of the input, e.g. ``batch_first=
+        False``, and the batch's one dropout mask), the columns batched ``max_batch_columns // N``
+        at a time."""
+        if not params:
             return []
-        if isinstance(X, (tuple, list)):
-            raise ParameterError("kfac's diagonal blocks need a single input tensor per batch")
-        primal = self._primal()
-        fixed = [primal[i] for i in self.diagonal_params]
-
-        def output_of_one(sub: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-            params = list(primal)
-            for i, p in zip(self.diagonal_params, sub):
-                params[i] = p
-            return self._forward(params, x.unsqueeze(0)).squeeze(0)
-
-        def per_sample(x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:  # u: [K, C]
-            _, pull = vjp(lambda *sub: output_of_one(sub, x), *fixed)
-            return vmap(pull)(u)
-
-        grads = vmap(per_sample)(X, U.transpose(0, 1))  # per parameter: [N, K, *shape]
-        return [scale * (g**2).sum((0, 1)) for g in grads]
+        K, n, C = U.shape
+        samples = torch.arange(n, device=out.device) if keep is None else keep.nonzero()[:, 0]
+        cols_k = torch.arange(K, device=out.device).repeat_interleave(samples.numel())
+        cols_n = samples.repeat(K)
+        sums = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params]
+        chunk = max(1, self.max_batch_columns // max(n, 1))
+        for s in range(0, cols_k.numel(), chunk):
+            k, i = cols_k[s:s + chunk], cols_n[s:s + chunk]
+            V = U.new_zeros(k.numel(), n, C)
+            V[torch.arange(k.numel(), device=out.device), i] = U[k, i]
+            grads = torch.autograd.grad(out, params, grad_outputs=V, is_grads_batched=True, allow_unused=True,
+                                        retain_graph=True)
+            for total, g in zip(sums, grads):
+                if g is not None:  # None: the parameter does not reach the output
+                    total.add_(_statistics_dtype(g).square().sum(0))
+        return [total.mul_(scale) for total in sums]
 
     def _output_vectors(self, index: int, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Vectors to backpropagate ``[K, N, C]`` and the weight ``1/K`` or 1 of their outer products."""
+        """Vectors to backpropagate ``[K, N, C]`` (zero at ignored targets) and the weight ``1/K`` or 1
+        of their outer products."""
         if self.fisher_type == "type2":
-            return self.spec.hessian_sqrt(out), 1.0
+            return self.spec.hessian_sqrt(out, y=y), 1.0
         if self.fisher_type == "empirical":
             return self.spec.gradients(out, y).unsqueeze(0), 1.0
         g = torch.Generator(device=out.device)
         g.manual_seed(self.seed * 1_000_003 + index)
-        return self.spec.sampled_gradients(out, self.mc_samples, g), 1.0 / self.mc_samples
+        return self.spec.sampled_gradients(out, self.mc_samples, g, y=y), 1.0 / self.mc_samples
 
     # ------------------------------------------------------------------ products
     def _matrices(self, layer: KroneckerBlock, V: TensorList) -> torch.Tensor:
-        """The columns of ``V`` for one layer as ``[k, out, in(+1)]`` matrices ``[W, b]``."""
+        """The columns of ``V`` for one layer as ``[k, out, in(+1)]`` matrices ``[W, b]``, in the
+        factors' dtype."""
         k, W = V[layer.weight].shape[0], V[layer.weight]
         M = W.reshape(k, W.shape[1], -1)
         if layer.bias is not None:
             M = torch.cat([M, V[layer.bias].reshape(k, -1, 1)], dim=2)
-        return M
+        return M.to(layer.A.dtype)
 
     def _scatter(self, layer: KroneckerBlock, M: torch.Tensor, out: list) -> None:
         w = self._params[layer.weight]
@@ -409,8 +523,8 @@ class KFACOperator(CurvatureOperator):
         for layer in self.factors():
             self._scatter(layer, layer.G @ self._matrices(layer, V) @ layer.A, out)
         for i, d in self.diagonal.items():
-            out[i] = d * V[i]
-        return out
+            out[i] = d * V[i].to(d.dtype)
+        return [o.to(v.dtype) for o, v in zip(out, V)]
 
     def _solve_columns(
         self, B: torch.Tensor, damping: float, method: str, rtol: float, max_iter: int | None
@@ -431,7 +545,7 @@ class KFACOperator(CurvatureOperator):
         if damping <= 0:
             raise OptionError(f"damping must be positive, got {damping!r}")
         vector = V.dim() == 1
-        Vm = (V.unsqueeze(1) if vector else V).to(dtype=self.dtype, device=self.device)
+        Vm = (V.unsqueeze(1) if vector else V).to(dtype=self.statistics_dtype, device=self.device)
         parts = self.unflatten(Vm.T)
         out: list = [None] * len(parts)
         for layer in self.factors():
@@ -439,7 +553,7 @@ class KFACOperator(CurvatureOperator):
             self._scatter(layer, R, out)
         for i, d in self.diagonal.items():
             out[i] = parts[i] / (d + damping)
-        result = self.flatten(out).T
+        result = self.flatten(out).T.to(self.dtype)
         return result.squeeze(1) if vector else result
 
     def _batch_context(self, index, X, y):  # pragma: no cover - products use the factors
