@@ -9,27 +9,33 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt.analysis._data import checked_data, first_batch
 from curvopt.analysis.quantize import quantization_perturbation
 from curvopt.analysis.spectrum import _generator, top_eigenvalues
-from curvopt.curvature.data_loop import iterate_batches, to_model
+from curvopt.curvature.data_loop import to_model
+from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.registry import curvature as build_curvature
 from curvopt.linalg import trace_estimate
 
-STATUSES = ("ok", "frozen", "unused")
+STATUSES = ("ok", "frozen", "unused", "tied")
 
 
 @dataclass
 class LayerSensitivity:
     """One module's row of a :class:`SensitivityReport`.
 
-    ``status`` is ``"ok"``, ``"frozen"`` (no parameter requires grad) or ``"unused"``
-    (not called in the forward pass, so it gets no gradient); only ``ok`` rows carry
-    curvature numbers.
+    ``status`` is ``"ok"``, ``"frozen"`` (no parameter requires grad), ``"unused"``
+    (none of its trainable parameters gets a gradient from the loss) or ``"tied"`` (every
+    parameter it owns is shared with an earlier module and counted there); only ``ok``
+    rows carry curvature numbers. ``shared`` maps the module's own name of each tied
+    parameter to the name it is counted under (``model.named_parameters()``'s name: the
+    first module that owns it).
     """
 
     name: str
     numel: int
     status: str = "ok"
+    shared: dict[str, str] = field(default_factory=dict)
     trace: float = math.nan
     trace_se: float = math.nan
     avg_trace: float = math.nan
@@ -82,7 +88,8 @@ class SensitivityReport:
         rows = []
         for l in self.layers:
             if l.status != "ok":
-                row = [l.name or "<root>", str(l.numel), l.status] + [""] * (len(cols) - 3)
+                status = f"tied to {', '.join(l.shared.values())}" if l.status == "tied" else l.status
+                row = [l.name or "<root>", str(l.numel), status] + [""] * (len(cols) - 3)
             else:
                 row = [l.name or "<root>", str(l.numel), f"{l.trace:.4g}", f"{l.trace_se:.2g}",
                        f"{l.avg_trace:.4g}", f"{l.avg_trace_se:.2g}"]
@@ -97,6 +104,9 @@ class SensitivityReport:
         lines.append("  ".join("-" * w for w in widths))
         for r in rows:
             lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        ties = [f"{own} is {counted}" for l in self.layers for own, counted in l.shared.items()]
+        if ties:  # a shared parameter is one parameter of the loss: counted once
+            lines.append("tied (counted once, in the first module): " + ", ".join(ties))
         head = (f"{self.curvature} sensitivity ({self.method}, {self.probes} probes): total trace "
                 f"{self.total_trace:.4g} ± {self.total_trace_se:.2g}")
         return head + "\n" + "\n".join(lines)
@@ -122,12 +132,24 @@ def sensitivity(
     the HAWQ-V2 score ``avg_trace * ||Q_b(W) - W||^2``.
 
     Every module's trace comes from the same probes of one curvature operator (one set
-    of passes over the data), and the module traces add up to the model's. The model
-    is put in eval mode for the computation and its previous modes are restored.
+    of passes over the data), and the module traces add up to the model's. The curvature
+    is that of the model in eval mode (the network that will be quantized and deployed:
+    running BatchNorm statistics, no dropout); the model's modes, parameters, buffers and
+    the global random state are left as found.
+
+    A module is ``"unused"`` when none of its trainable parameters gets a gradient from
+    the loss on the first batch (decided by the gradient, not by whether the module's own
+    ``forward`` ran: ``nn.MultiheadAttention`` uses ``out_proj``'s weights without calling
+    it). A parameter shared by several modules (tied weights, e.g. an embedding and the
+    output layer) is one parameter of the loss: it is reported once, under the first
+    module that owns it (its name in ``model.named_parameters()``); a later module whose
+    parameters are all tied gets the status ``"tied"`` and names the module they are
+    counted in.
 
     Args:
         model: The network.
-        loader: One ``(X, y)`` batch or an iterable of batches.
+        loader: One ``(X, y)`` batch or a re-iterable collection of batches (a list, a
+            ``DataLoader``; not a generator, which the second pass would find exhausted).
         loss_fn: Default ``torch.nn.CrossEntropyLoss()``.
         curvature: Registry name of the backend (``"hessian"``, ``"ggn"``, ...).
         probes: Products spent on the trace estimate.
@@ -139,13 +161,13 @@ def sensitivity(
         progress: tqdm bars on the passes over the data.
         **options: Backend options (``mc_samples``, ``max_batch_columns``, ...).
     """
+    checked_data(loader, "sensitivity(loader=...)")
     loss_fn = nn.CrossEntropyLoss() if loss_fn is None else loss_fn
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        layers = _classify_modules(model, loader)
-        selected = [n for layer in layers if layer.status == "ok" for n in layer.extras_params]
-        rows = [LayerSensitivity(name=l.name, numel=l.numel, status=l.status) for l in layers]
+    with curvature_pass(model):  # modes, buffers and the global RNG come back as found
+        model.eval()
+        layers = _classify_modules(model, loader, loss_fn)
+        selected = [n for layer in layers if layer.status == "ok" for n in layer.params]
+        rows = [LayerSensitivity(name=l.name, numel=l.numel, status=l.status, shared=l.shared) for l in layers]
         report = SensitivityReport(rows, curvature=curvature, probes=probes, method=method, bits=bits)
         if not selected:
             return report
@@ -157,57 +179,70 @@ def sensitivity(
         for row, info in zip(rows, layers):
             if row.status != "ok":
                 continue
-            row.numel = sum(params[n].numel() for n in info.extras_params)
+            row.numel = sum(params[n].numel() for n in info.params)
             row.trace, row.trace_se = est.blocks[row.name]
             row.avg_trace, row.avg_trace_se = row.trace / row.numel, row.trace_se / row.numel
             if top_eigenvalue:
-                sub = build_curvature(curvature, model, loss_fn, loader, params=info.extras_params,
+                sub = build_curvature(curvature, model, loss_fn, loader, params=info.params,
                                       progress=progress, **options)
                 row.top_eigenvalue = float(top_eigenvalues(sub, 1, seed=seed).eigenvalues[0])
             if bits is not None:
-                weights = [params[n] for n in info.extras_params if n.rpartition(".")[2] == "weight"]
-                weights = weights or [params[n] for n in info.extras_params]
+                weights = [params[n] for n in info.params if n.rpartition(".")[2] == "weight"]
+                weights = weights or [params[n] for n in info.params]
                 row.perturbation = quantization_perturbation(weights, bits)
                 row.hawq_score = row.avg_trace * row.perturbation
         return report
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
 
 
 @dataclass
 class _ModuleInfo:
     name: str
-    numel: int
+    numel: int  # parameters counted in this row (tied ones only in their first owner's)
     status: str
-    extras_params: list[str]
+    params: list[str]  # trainable parameters counted in this row, by their model-level names
+    shared: dict[str, str]  # tied parameters: own name -> model-level name
 
 
-def _classify_modules(model: nn.Module, loader: Any) -> list[_ModuleInfo]:
-    """Modules that own parameters, with their trainable parameter names and a status."""
+def _classify_modules(model: nn.Module, loader: Any, loss_fn: Any) -> list[_ModuleInfo]:
+    """Modules that own parameters, with the trainable parameters counted in their row and a status."""
+    canonical = {id(p): n for n, p in model.named_parameters()}  # first owner wins, as torch names them
     owners = [(name, m) for name, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
-    called = _called_modules(model, loader, [m for _, m in owners])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    used = _parameters_with_gradient(model, loader, loss_fn, trainable)
     infos = []
     for name, m in owners:
-        own = [(f"{name}.{pn}" if name else pn, p) for pn, p in m.named_parameters(recurse=False)]
-        trainable = [n for n, p in own if p.requires_grad]
+        own, shared = [], {}
+        for pn, p in m.named_parameters(recurse=False):
+            local = f"{name}.{pn}" if name else pn
+            if canonical[id(p)] == local:
+                own.append((local, p))
+            else:
+                shared[local] = canonical[id(p)]
+        counted = [n for n, p in own if p.requires_grad]
+        if not own:
+            status = "tied"
+        elif not counted:
+            status = "frozen"
+        elif not any(id(p) in used for n, p in own if p.requires_grad):
+            status = "unused"
+        else:
+            status = "ok"
         numel = sum(p.numel() for _, p in own)
-        status = "frozen" if not trainable else ("unused" if m not in called else "ok")
-        infos.append(_ModuleInfo(name, numel, status, trainable if status == "ok" else []))
+        infos.append(_ModuleInfo(name, numel, status, counted if status == "ok" else [], shared))
     return infos
 
 
-def _called_modules(model: nn.Module, loader: Any, modules: list[nn.Module]) -> set[nn.Module]:
-    """Which of ``modules`` run in a forward pass on the first batch (no differentiation)."""
-    called: set[nn.Module] = set()
-    hooks = [m.register_forward_hook(lambda mod, i, o: called.add(mod)) for m in modules]
-    try:
-        X, _ = next(iter(iterate_batches(loader)))
-        X = to_model(X, next(model.parameters()))
-        args = tuple(t[:1] for t in X) if isinstance(X, (tuple, list)) else (X[:1],)
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in hooks:
-            h.remove()
-    return called
+def _parameters_with_gradient(model: nn.Module, loader: Any, loss_fn: Any,
+                              params: list[nn.Parameter]) -> set[int]:
+    """``id``s of ``params`` that get a gradient from the loss on the first non-empty batch."""
+    if not params:
+        return set()
+    X, y = first_batch(loader, "sensitivity(loader=...)")
+    ref = params[0]
+    X, y = to_model(X, ref), to_model(y, ref)
+    args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+    seed_batch(0)
+    with torch.enable_grad():
+        loss = loss_fn(model(*args), y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {id(p) for p, g in zip(params, grads) if g is not None}
