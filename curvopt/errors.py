@@ -48,3 +48,23 @@ class NonFiniteLossError(CurvoptError, FloatingPointError):
 
 class OptionError(CurvoptError, TypeError):
     """An unknown or invalid option passed to a backend."""
+
+
+class UnsupportedModuleError(CurvoptError, TypeError):
+    """A module (layer) that a backend or optimizer cannot treat; the message names it and the fix."""
+
+
+class MissingDependencyError(CurvoptError, ImportError):
+    """An optional dependency that is not installed; the message gives the ``pip install`` line."""
+
+
+class ClosureError(CurvoptError, TypeError):
+    """``step()`` was called without a usable closure, or the closure returned no loss tensor."""
+
+
+class ConfigError(CurvoptError, ValueError):
+    """A configuration the command line cannot run."""
+
+
+class DenseSizeError(CurvoptError, MemoryError):
+    """A dense matrix (``to_dense()`` and other dense paths) that would not fit in memory."""

@@ -20,17 +20,9 @@ import torch
 from curvopt.curvature.base import CurvatureOperator, TensorList
 from curvopt.curvature.data_loop import accumulate
 from curvopt.curvature.registry import register_curvature
-from curvopt.errors import CurvoptError, OptionError
+from curvopt.errors import MissingDependencyError, OptionError, UnsupportedModuleError
 
 INSTALL = "pip install 'curvopt[backpack]'  (or: pip install backpack-for-pytorch)"
-
-
-class MissingDependencyError(CurvoptError, ImportError):
-    """An optional dependency that a chosen backend needs is not installed."""
-
-
-class UnsupportedModuleError(CurvoptError, TypeError):
-    """A layer that a backend has no rule for."""
 
 
 def import_backpack():

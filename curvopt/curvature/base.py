@@ -19,11 +19,18 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from curvopt.curvature.data_loop import accumulate, batch_size, check_data, to_model
-from curvopt.curvature.losses import loss_reduction
-from curvopt.curvature.params import Block, custom_blocks, module_blocks, select_parameters
+from curvopt.curvature.data_loop import accumulate, batch_size, check_data, iterate_batches, to_model
+from curvopt.curvature.losses import detect_reduction, loss_reduction, loss_terms
+from curvopt.curvature.model_state import curvature_pass, seed_batch
+from curvopt.curvature.params import (
+    Block,
+    ParameterSnapshot,
+    custom_blocks,
+    module_blocks,
+    select_parameters,
+)
 from curvopt.curvature.solve import KRYLOV_METHODS, krylov_solve
-from curvopt.errors import OptionError, ShapeError
+from curvopt.errors import DenseSizeError, EmptyDataError, OptionError, ShapeError
 
 TensorList = list[torch.Tensor]
 
@@ -32,8 +39,15 @@ class CurvatureOperator(ABC):
     """A curvature matrix of the empirical risk ``L(theta)``, applied matrix-free.
 
     The risk is the loss's own reduction over all samples of ``data``: the mean over
-    samples for ``reduction="mean"`` (each batch weighted by its size), the sum for
-    ``reduction="sum"``. The operator is evaluated at the model's current parameters.
+    the loss terms of all batches for ``reduction="mean"`` (each batch weighted by its
+    samples, or by its counted targets for cross entropy with ``ignore_index`` padding),
+    the sum for ``reduction="sum"``. The operator is evaluated at the model's current
+    parameters, and its passes leave the model as they found it
+    (:func:`curvopt.curvature.model_state.curvature_pass`): attention runs on a twice
+    differentiable kernel; train-mode BatchNorm normalizes with each batch's statistics
+    (the curvature of the loss a training step sees) without touching its running
+    statistics; train-mode dropout draws one fixed mask per batch, so the operator is one
+    matrix; the global RNG, buffers and modes are restored.
 
     Args:
         model: The network; device and dtype of the operator follow its parameters.
@@ -45,7 +59,9 @@ class CurvatureOperator(ABC):
             parameter with ``requires_grad``. Others are held fixed.
         blocks: Grouping of the parameters into ``op.blocks``: ``{name: [param names]}``
             or a list of lists; default: one block per module, named by module path.
-        reduction: Override of the loss's ``reduction`` attribute (``"mean"``/``"sum"``).
+        reduction: ``"mean"``/``"sum"``; default: the loss's ``reduction`` attribute, and for a plain
+            function without one, detected on the first batch (a mean is unchanged on the batch
+            twice over, a sum doubles; anything else is an error asking for this option).
         max_batch_columns: The most ``samples x columns`` one vectorized product
             handles at once: a ``k``-column product on a batch of ``n`` samples runs
             its columns in chunks of ``max_batch_columns // n`` (same result), which
@@ -91,7 +107,7 @@ class CurvatureOperator(ABC):
         self.loss_fn = loss_fn
         self.data = data
         self.param_names, self._params = select_parameters(model, params)
-        self.reduction = loss_reduction(loss_fn, reduction)
+        self._reduction = loss_reduction(loss_fn, reduction)
         self.blocks: tuple[Block, ...] = (
             module_blocks(self.param_names, self._params)
             if blocks is None
@@ -108,7 +124,7 @@ class CurvatureOperator(ABC):
         self.cache = cache
         self.progress = progress
         self.process_group = process_group
-        self._cached: tuple[tuple[int, ...], list[tuple[Any, Any, Any]]] | None = None
+        self._cached: tuple[ParameterSnapshot, list[tuple[Any, Any, Any]]] | None = None
 
     # ------------------------------------------------------------------ shape & type
     @property
@@ -116,6 +132,26 @@ class CurvatureOperator(ABC):
         """``(P, P)`` with ``P`` the number of selected scalar parameters."""
         p = sum(t.numel() for t in self._params)
         return (p, p)
+
+    @property
+    def reduction(self) -> str:
+        """``"mean"`` or ``"sum"``: how the loss combines samples, hence batches (see ``reduction=``)."""
+        if self._reduction is None:
+            self._reduction = self._detect_reduction()
+        return self._reduction
+
+    def _detect_reduction(self) -> str:
+        X, y = next(iter(iterate_batches(self.data)), (None, None))
+        if X is None:
+            raise EmptyDataError("data holds no batches")
+        X, y = self._to_model(X), self._to_model(y)
+        with curvature_pass(self.model), torch.no_grad():
+            out = self._forward(self._primal(), X, 0)
+        return detect_reduction(self.loss_fn, out, y)
+
+    def _batch_weight(self, X: Any, y: Any, n: int) -> int:
+        """Loss terms of a batch (its counted targets): batches are weighted by them."""
+        return loss_terms(self.loss_fn, y, n)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -133,10 +169,15 @@ class CurvatureOperator(ABC):
         return list(self._params)
 
     def __repr__(self) -> str:
+        extra = "".join(f", {k}={v!r}" for k, v in self._repr_fields().items())
         return (
             f"{type(self).__name__}(name={self.name!r}, shape={self.shape}, "
-            f"blocks={len(self.blocks)}, dtype={self.dtype}, device={self.device})"
+            f"blocks={len(self.blocks)}, dtype={self.dtype}, device={self.device}{extra})"
         )
+
+    def _repr_fields(self) -> dict[str, Any]:
+        """Backend facts worth showing in ``repr`` (e.g. how Jacobian products are taken)."""
+        return {}
 
     # ------------------------------------------------------------------ products
     def __matmul__(self, x: torch.Tensor | Sequence[torch.Tensor]) -> Any:
@@ -226,11 +267,21 @@ class CurvatureOperator(ABC):
         return self.flatten(out).T
 
     def to_dense(self, chunk_size: int = 128) -> torch.Tensor:
-        """The ``P x P`` matrix, built from products with identity columns (tests, tiny models)."""
+        """The ``P x P`` matrix, built from products with identity columns (tests, tiny models).
+
+        Raises:
+            DenseSizeError: before any product, when the matrix would not fit in the free memory
+                of the operator's device; the message gives the size it would need.
+        """
         P = self.shape[0]
-        eye = torch.eye(P, dtype=self.dtype, device=self.device)
-        cols = [self.matmat(eye[:, i : i + chunk_size]) for i in range(0, P, chunk_size)]
-        return torch.cat(cols, dim=1)
+        check_dense_size(P, self.dtype, self.device, f"{type(self).__name__}.to_dense()")
+        out = torch.empty(P, P, dtype=self.dtype, device=self.device)
+        for i in range(0, P, chunk_size):
+            k = min(chunk_size, P - i)
+            eye = torch.zeros(P, k, dtype=self.dtype, device=self.device)
+            eye[i : i + k].fill_diagonal_(1.0)
+            out[:, i : i + k] = self.matmat(eye)
+        return out
 
     # ------------------------------------------------------------------ conversions
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -258,17 +309,30 @@ class CurvatureOperator(ABC):
     # ------------------------------------------------------------------ the data pass
     def _matmat_list(self, V: TensorList) -> TensorList:
         """Products with ``k`` columns given as ``[k, *shape_i]`` per parameter."""
-        versions = self._versions()
-        if self.cache and self._cached is not None and self._cached[0] == versions:
+        with curvature_pass(self.model):
+            return self._matmat_pass(V)
+
+    def _accumulate(self, product: Any, data: Any) -> TensorList:
+        """The one data loop with this operator's reduction, batch weights and process group."""
+        return accumulate(
+            product,
+            data,
+            reduction=self.reduction,
+            process_group=self.process_group,
+            progress=self.progress,
+            weight=self._batch_weight,
+        )
+
+    def _matmat_pass(self, V: TensorList) -> TensorList:
+        if self.cache and self._cached is not None and self._cached[0].matches(self._params):
             contexts = self._cached[1]
             served = iter(contexts)  # accumulate visits the stored batches in order
-            return accumulate(
+            return self._accumulate(
                 lambda i, X, y: self._product(next(served)[2], V, batch_size(X)),
                 [(X, y) for X, y, _ in contexts],
-                reduction=self.reduction,
-                process_group=self.process_group,
-                progress=self.progress,
             )
+        self._cached = None  # free the stale contexts before building new ones
+        snapshot = ParameterSnapshot(self._params) if self.cache else None
         fresh: list[tuple[Any, Any, Any]] = []
 
         def product(index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
@@ -282,15 +346,9 @@ class CurvatureOperator(ABC):
                 fresh.append((X, y, ctx))
             return self._product(ctx, V, batch_size(X))
 
-        result = accumulate(
-            product,
-            self.data,
-            reduction=self.reduction,
-            process_group=self.process_group,
-            progress=self.progress,
-        )
+        result = self._accumulate(product, self.data)
         if self.cache:
-            self._cached = (versions, fresh)
+            self._cached = (snapshot, fresh)
         return result
 
     def _product(self, ctx: Any, V: TensorList, n: int) -> tuple[torch.Tensor, TensorList]:
@@ -300,7 +358,9 @@ class CurvatureOperator(ABC):
             loss, out = self._batch_matvec(ctx, [v[0] for v in V])
             return loss, [o.unsqueeze(0) for o in out]
         chunk = max(1, self.max_batch_columns // max(n, 1))
-        batched = vmap(lambda v: self._batch_matvec(ctx, v), out_dims=(None, 0))
+        # randomness="same": a forward pass inside the product (dropout in training mode) draws
+        # the batch's one mask, as seed_batch makes every pass over the batch do
+        batched = vmap(lambda v: self._batch_matvec(ctx, v), out_dims=(None, 0), randomness="same")
         parts = [batched([v[s : s + chunk] for v in V]) for s in range(0, k, chunk)]
         loss = parts[0][0]
         return loss, [torch.cat(cols) for cols in zip(*(out for _, out in parts))]
@@ -309,9 +369,10 @@ class CurvatureOperator(ABC):
         """Drop cached linearizations (they are also dropped when a parameter changes)."""
         self._cached = None
 
-    def _versions(self) -> tuple[int, ...]:
-        # In-place updates (optimizer steps, copy_) bump a tensor's version counter.
-        return tuple(p._version for p in self._params)
+    def _versions(self) -> ParameterSnapshot:
+        """The parameters' values now; equal to a later snapshot exactly when no value changed
+        (through any route: optimizer steps, ``.data`` writes, ``load_state_dict``, ...)."""
+        return ParameterSnapshot(self._params)
 
     def _to_model(self, t: Any) -> Any:
         return to_model(t, self._params[0])
@@ -321,8 +382,11 @@ class CurvatureOperator(ABC):
         """The selected parameters, detached, as the point of linearization."""
         return tuple(p.detach() for p in self._params)
 
-    def _forward(self, params: Sequence[torch.Tensor], X: Any) -> torch.Tensor:
-        """``model(X)`` with the selected parameters replaced by ``params``."""
+    def _forward(self, params: Sequence[torch.Tensor], X: Any, index: int | None = None) -> torch.Tensor:
+        """``model(X)`` with the selected parameters replaced by ``params``; with the batch ``index``,
+        randomness (dropout) is seeded for that batch (inside :func:`curvature_pass` only)."""
+        if index is not None:
+            seed_batch(index, getattr(self, "seed", 0))
         args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
         # Parameters outside the selection are constants: detached, they build no graph.
         selected = set(self.param_names)
@@ -353,3 +417,42 @@ class CurvatureOperator(ABC):
         Must be a pure function of ``v`` built from ``torch.func`` transforms, so that
         :func:`torch.func.vmap` batches it over columns.
         """
+
+
+def check_dense_size(P: int, dtype: torch.dtype, device: torch.device, what: str, copies: int = 1) -> None:
+    """Refuse a dense ``P x P`` matrix (``copies`` of them) that would not fit in the free memory of
+    ``device``, before anything is computed.
+
+    Raises:
+        DenseSizeError: naming ``what``, the bytes it needs and the bytes free.
+    """
+    need = copies * P * P * torch.empty((), dtype=dtype).element_size()
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise DenseSizeError(
+            f"{what} needs a dense {P} x {P} {str(dtype).replace('torch.', '')} matrix: {need / 2**30:.2f} GiB, "
+            f"more than the {free / 2**30:.2f} GiB free on {device}; use matrix-free products "
+            "(op @ v, curvopt.top_eigenvalues, curvopt.trace) or select fewer parameters (params=...)"
+        )
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` (available physical memory for the CPU), or None if unknown."""
+    import os
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:  # MemAvailable counts reclaimable page cache, which free pages alone do not
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return None
+    return None

@@ -17,6 +17,7 @@ from curvopt.errors import EmptyDataError, NonFiniteLossError
 
 Batch = tuple[Any, torch.Tensor]
 BatchProduct = Callable[[int, Any, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
+BatchWeight = Callable[[Any, torch.Tensor, int], int]
 
 
 def is_single_batch(data: Any) -> bool:
@@ -99,6 +100,7 @@ def accumulate(
     reduction: str,
     process_group: Any = None,
     progress: bool | str = False,
+    weight: BatchWeight | None = None,
 ) -> list[torch.Tensor]:
     """Sum per-batch results into the curvature of the whole empirical risk.
 
@@ -106,8 +108,12 @@ def accumulate(
         product: ``product(index, X, y) -> (loss, tensors)`` evaluated on batch ``index``
             with the loss's own reduction; ``loss`` is the batch loss (a scalar tensor).
         data: One ``(X, y)`` batch or an iterable of them.
-        reduction: ``"mean"``: the risk is the mean over all samples, so batch ``b`` is
-            weighted by ``N_b / N``; ``"sum"``: the risk is the sum, weight 1.
+        reduction: ``"mean"``: the risk is the mean over all loss terms, so batch ``b`` is
+            weighted by ``N_b / N`` with ``N_b`` its terms (by default its samples); ``"sum"``: the
+            risk is the sum, weight 1.
+        weight: ``weight(X, y, n) -> N_b``, the loss terms of a batch of ``n`` samples (e.g. its
+            counted targets, :func:`curvopt.curvature.losses.loss_terms`); a batch without any is
+            skipped, as an empty one is. Default: ``n``.
         progress: Show a tqdm bar over the batches (a string is its description).
         process_group: A ``torch.distributed`` group to all-reduce over; ``None`` uses
             the default group when one is initialized, and no communication otherwise.
@@ -132,13 +138,15 @@ def accumulate(
         batches = tqdm(batches, total=count, desc=desc, unit="batch", leave=False)
     for index, (X, y) in enumerate(batches):
         n = batch_size(X)
+        if n > 0 and weight is not None:
+            n = weight(X, y, n)
         if n == 0:
             continue
         loss, parts = product(index, X, y)
         losses.append(loss.detach())
         batch_of_loss.append(index)
-        weight = float(n) if reduction == "mean" else 1.0
-        scaled = [weight * t for t in parts]
+        scale = float(n) if reduction == "mean" else 1.0
+        scaled = [scale * t for t in parts]
         total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
         n_samples += n
     # One synchronisation at the end rather than one per batch.
@@ -152,7 +160,8 @@ def accumulate(
     if group_active:
         total, n_samples = _all_reduce(total, n_samples, process_group)
     if total is None or n_samples == 0:
-        raise EmptyDataError("data holds no samples: every batch is empty")
+        raise EmptyDataError("data holds no samples: every batch is empty"
+                             + ("" if weight is None else " or has only ignored targets"))
     if reduction == "mean":
         total = [t / n_samples for t in total]
     return total

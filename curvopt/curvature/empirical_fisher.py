@@ -22,4 +22,4 @@ class EmpiricalFisherOperator(JacobianSandwich):
         return self.spec.gradients(ctx.out.detach(), ctx.y).unsqueeze(0)
 
     def _output_product(self, ctx: SandwichContext, u: torch.Tensor) -> torch.Tensor:
-        return outer_product(ctx.extra, u, self.spec.scale(ctx.out))
+        return outer_product(ctx.extra, u, self.spec.scale(ctx.out, ctx.y))

@@ -44,7 +44,7 @@ class FisherOperator(JacobianSandwich):
         generator = torch.Generator(device=ctx.out.device)
         # Same labels for the same batch on every pass, independent across batches.
         generator.manual_seed(self.seed * 1_000_003 + ctx.index)
-        return self.spec.sampled_gradients(ctx.out.detach(), self.mc_samples, generator)
+        return self.spec.sampled_gradients(ctx.out.detach(), self.mc_samples, generator, y=ctx.y)
 
     def _output_product(self, ctx: SandwichContext, u: torch.Tensor) -> torch.Tensor:
-        return outer_product(ctx.extra, u, self.spec.scale(ctx.out))
+        return outer_product(ctx.extra, u, self.spec.scale(ctx.out, ctx.y))

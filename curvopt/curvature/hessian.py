@@ -35,7 +35,7 @@ class HessianOperator(CurvatureOperator):
 
     def _batch_context(self, index: int, X: Any, y: torch.Tensor) -> _HessianContext:
         def risk(p: tuple[torch.Tensor, ...]) -> torch.Tensor:
-            return self.loss_fn(self._forward(p, X), y)
+            return self.loss_fn(self._forward(p, X, index), y)
 
         _, pullback, loss = vjp(grad_and_value(risk, has_aux=False), self._primal(), has_aux=True)
         return _HessianContext(loss=loss, pullback=pullback)

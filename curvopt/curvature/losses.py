@@ -2,8 +2,11 @@
 
 For a batch with network outputs ``f`` the loss is ``L = c * sum_n l(f_n, y_n)``
 where ``c`` is ``1`` for ``reduction="sum"`` and ``1 / (number of terms)`` for
-``"mean"`` (PyTorch's convention: samples for cross entropy, every output entry
-for MSE and BCE). The Gauss-Newton family needs three things from a loss:
+``"mean"`` (PyTorch's convention: the counted targets for cross entropy, i.e. samples
+and positions whose target is not ``ignore_index``; every output entry for MSE and BCE).
+Ignored targets (padding labels, ``-100`` by default) weigh zero in every quantity below,
+and cross entropy's ``label_smoothing`` enters the gradients (its Hessian in the logits is
+unchanged). The Gauss-Newton family needs three things from a loss:
 
 * ``hessian_product``: ``c * d^2 l / df^2`` applied to output-space vectors;
 * ``gradients``: per-sample ``d l_n / d f_n`` at the true labels (empirical Fisher);
@@ -13,8 +16,10 @@ for MSE and BCE). The Gauss-Newton family needs three things from a loss:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +37,22 @@ class LossSpec(ABC):
 
     reduction: str
 
-    def scale(self, out: torch.Tensor) -> float:
-        """The factor ``c`` between the batch loss and the sum of per-sample losses."""
-        return 1.0 if self.reduction == "sum" else 1.0 / self._terms(out)
+    def scale(self, out: torch.Tensor, y: torch.Tensor | None = None) -> float:
+        """The factor ``c`` between the batch loss and the sum of per-term losses (with ``y``, ignored
+        targets are not counted)."""
+        return 1.0 if self.reduction == "sum" else 1.0 / max(self.terms(out, y), 1)
 
-    def _terms(self, out: torch.Tensor) -> int:
+    def terms(self, out: torch.Tensor, y: torch.Tensor | None = None) -> int:
+        """Number of loss terms the ``"mean"`` reduction divides by."""
         return out.numel()
+
+    def counted(self, out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
+        """A 0/1 mask broadcastable to ``out`` of the entries whose targets count; ``None``: all."""
+        return None
+
+    def _masked(self, t: torch.Tensor, out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        mask = self.counted(out, y)
+        return t if mask is None else t * mask
 
     @abstractmethod
     def hessian_product(self, out: torch.Tensor, y: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -45,45 +60,72 @@ class LossSpec(ABC):
 
     @abstractmethod
     def gradients(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-sample ``d l_n / d f_n`` (unscaled), shaped like ``out``."""
+        """Per-sample ``d l_n / d f_n`` (unscaled), shaped like ``out``; zero at ignored targets."""
 
     @abstractmethod
-    def hessian_sqrt(self, out: torch.Tensor) -> torch.Tensor:
+    def hessian_sqrt(self, out: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``[C, *out.shape]`` vectors ``h_c`` per sample with ``d^2 l / df^2 = sum_c h_c h_c^T``
-        (unscaled), for outputs ``[N, C]``."""
+        (unscaled), for outputs ``[N, C]``; zero at ignored targets when ``y`` is given."""
 
     @abstractmethod
     def sampled_gradients(
-        self, out: torch.Tensor, samples: int, generator: torch.Generator | None
+        self, out: torch.Tensor, samples: int, generator: torch.Generator | None, y: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``[samples, *out.shape]`` gradients at labels drawn from the model."""
+        """``[samples, *out.shape]`` gradients at labels drawn from the model; zero at ignored
+        targets when ``y`` is given."""
 
 
 @dataclass(frozen=True)
 class CrossEntropySpec(LossSpec):
-    """Softmax cross entropy over dimension 1 (``[N, C]`` or ``[N, C, *spatial]``)."""
+    """Softmax cross entropy over dimension 1 (``[N, C]`` or ``[N, C, *spatial]``), class-index
+    targets (``ignore_index`` ones excluded) or class probabilities, with ``label_smoothing``."""
 
-    def _terms(self, out: torch.Tensor) -> int:
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+
+    def terms(self, out, y=None):
+        if y is not None and not y.dtype.is_floating_point:
+            return int((y != self.ignore_index).sum())
         return out.numel() // out.shape[1]
 
+    def counted(self, out, y):
+        if y is None or y.dtype.is_floating_point:
+            return None
+        return (y != self.ignore_index).unsqueeze(1).to(out.dtype)
+
+    def _target_mass(self, out, y):
+        """``sum_c q_c`` of the (smoothed) target distribution: 1, except for unnormalized soft targets."""
+        if y is None or not y.dtype.is_floating_point:
+            return 1.0
+        return y.sum(dim=1, keepdim=True) * (1 - self.label_smoothing) + self.label_smoothing
+
     def hessian_product(self, out, y, V):
+        # -sum_c q_c log p_c has the logit Hessian (sum_c q_c)(diag(p) - p p^T), whatever the smoothing
         p = torch.softmax(out, dim=1)
         pv = p * V
-        return self.scale(out) * (pv - p * pv.sum(dim=1, keepdim=True))
+        H = (pv - p * pv.sum(dim=1, keepdim=True)) * self._target_mass(out, y)
+        return self.scale(out, y) * self._masked(H, out, y)
 
     def gradients(self, out, y):
         p = torch.softmax(out, dim=1)
-        if y.dtype.is_floating_point:  # class probabilities
-            return p * y.sum(dim=1, keepdim=True) - y
-        return p - _one_hot(y, out.shape[1], dim=1, like=out)
+        C, eps = out.shape[1], self.label_smoothing
+        if y.dtype.is_floating_point:  # class probabilities, smoothed as torch does
+            q = y * (1 - eps) + eps / C
+            return p * q.sum(dim=1, keepdim=True) - q
+        mask = self.counted(out, y)
+        q = _one_hot(torch.where(y == self.ignore_index, 0, y), C, dim=1, like=out) * (1 - eps) + eps / C
+        return (p - q) * mask
 
-    def hessian_sqrt(self, out):
+    def hessian_sqrt(self, out, y=None):
         # diag(p) - p p^T = sum_c sqrt(p_c)(e_c - p) (sqrt(p_c)(e_c - p))^T since sum_c p_c = 1
         p = torch.softmax(out, dim=1)
         eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
-        return p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])
+        H = p.T.sqrt()[:, :, None] * (eye[:, None, :] - p[None])
+        mass = self._target_mass(out, y)
+        H = H if isinstance(mass, float) else H * mass.sqrt()
+        return self._masked(H, out, y)
 
-    def sampled_gradients(self, out, samples, generator):
+    def sampled_gradients(self, out, samples, generator, y=None):
         p = torch.softmax(out, dim=1)
         probs = p.movedim(1, -1).reshape(-1, out.shape[1])
         # A non-finite output is reported by the data loop with its batch index;
@@ -92,7 +134,10 @@ class CrossEntropySpec(LossSpec):
         labels = torch.multinomial(probs, samples, replacement=True, generator=generator)
         onehot = F.one_hot(labels.T, out.shape[1]).to(out.dtype)  # [S, N*, C]
         onehot = onehot.reshape(samples, *p.movedim(1, -1).shape).movedim(-1, 2)
-        return p.unsqueeze(0) - onehot
+        g = p.unsqueeze(0) - onehot
+        mass = self._target_mass(out, y)
+        g = g if isinstance(mass, float) else g * mass.sqrt()
+        return self._masked(g, out, y)
 
 
 @dataclass(frozen=True)
@@ -105,11 +150,11 @@ class MSESpec(LossSpec):
     def gradients(self, out, y):
         return 2.0 * (out - y)
 
-    def hessian_sqrt(self, out):
+    def hessian_sqrt(self, out, y=None):
         eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
         return (2.0**0.5) * eye[:, None, :].expand(out.shape[1], *out.shape)
 
-    def sampled_gradients(self, out, samples, generator):
+    def sampled_gradients(self, out, samples, generator, y=None):
         # y ~ N(f, I/2) makes E[g g^T] = 2 I, the loss Hessian.
         noise = torch.randn(
             (samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device
@@ -128,12 +173,12 @@ class BCEWithLogitsSpec(LossSpec):
     def gradients(self, out, y):
         return torch.sigmoid(out) - y
 
-    def hessian_sqrt(self, out):
+    def hessian_sqrt(self, out, y=None):
         s = torch.sigmoid(out)
         eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
         return (s * (1 - s)).sqrt().T[:, :, None] * eye[:, None, :]
 
-    def sampled_gradients(self, out, samples, generator):
+    def sampled_gradients(self, out, samples, generator, y=None):
         s = torch.sigmoid(out)
         u = torch.rand((samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device)
         return s.unsqueeze(0) - (u < s).to(out.dtype)
@@ -143,19 +188,74 @@ def _one_hot(y: torch.Tensor, classes: int, dim: int, like: torch.Tensor) -> tor
     return F.one_hot(y.long(), classes).to(like.dtype).movedim(-1, dim)
 
 
-def loss_reduction(loss_fn: object, reduction: str | None = None) -> str:
-    """The reduction of ``loss_fn`` (its ``reduction`` attribute, default ``"mean"``).
+def loss_reduction(loss_fn: object, reduction: str | None = None) -> str | None:
+    """The reduction of ``loss_fn``: ``reduction`` if given, else the loss's ``reduction`` attribute
+    (``nn.*Loss`` modules), ``"mean"`` for the functional losses of :data:`FUNCTIONAL_LOSSES`, and
+    ``None`` for a plain function that declares none (:func:`detect_reduction` tells it then).
 
     Raises:
         UnsupportedLossError: for a reduction other than ``"mean"`` or ``"sum"``.
     """
-    r = reduction if reduction is not None else getattr(loss_fn, "reduction", "mean")
-    if r not in REDUCTIONS:
+    if reduction is None:
+        if any(loss_fn is f for f in FUNCTIONAL_LOSSES):
+            return "mean"
+        reduction = getattr(loss_fn, "reduction", None)
+        if reduction is None:
+            return None
+    if reduction not in REDUCTIONS:
         raise UnsupportedLossError(
-            f"loss reduction {r!r} is not supported; the loss must be a scalar with "
+            f"loss reduction {reduction!r} is not supported; the loss must be a scalar with "
             f"reduction one of {', '.join(REDUCTIONS)}"
         )
-    return r
+    return reduction
+
+
+def detect_reduction(loss_fn: Any, out: torch.Tensor, y: Any) -> str:
+    """Whether a plain loss function averages or sums over samples, by evaluating it on a batch and
+    on the batch twice over: a mean is unchanged, a sum doubles. Exact for any loss that is a mean
+    or a sum of per-sample terms; anything else is refused rather than guessed.
+
+    Raises:
+        UnsupportedLossError: when neither holds (or the loss is 0, where both do), asking for
+            ``reduction=``.
+    """
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    fix = (f"pass reduction='mean' or reduction='sum' to say how {name} combines its samples "
+           "(curvopt weights batches by it)")
+    if not isinstance(y, torch.Tensor) or y.dim() == 0 or out.dim() == 0 or y.shape[0] != out.shape[0]:
+        raise UnsupportedLossError(f"cannot tell the reduction of the loss {name}: {fix}")
+    with torch.no_grad():
+        once = float(loss_fn(out, y))
+        twice = float(loss_fn(torch.cat([out, out]), torch.cat([y, y])))
+    tol = 1e-4 if out.dtype in (torch.float16, torch.bfloat16, torch.float32) else 1e-10
+    if once != 0 and math.isfinite(once):
+        if abs(twice - once) <= tol * abs(once):
+            return "mean"
+        if abs(twice - 2 * once) <= tol * abs(once):
+            return "sum"
+        raise UnsupportedLossError(
+            f"the loss {name} is neither a mean nor a sum over samples (on one batch {once:.6g}, on the "
+            f"batch twice over {twice:.6g}); {fix}")
+    raise UnsupportedLossError(f"cannot tell the reduction of the loss {name} from a batch where it is "
+                               f"{once}; {fix}")
+
+
+def loss_terms(loss_fn: Any, y: Any, n: int) -> int:
+    """How many terms a batch with targets ``y`` and ``n`` samples adds to a ``"mean"`` loss:
+    the counted targets for cross entropy with class indices (those not ``ignore_index``, over
+    every position of ``[N, *]`` targets), the target entries for cross entropy with class
+    probabilities (per class vector), MSE and BCE, ``n`` samples for any other loss. Batches are
+    weighted by it, so that the risk is the loss torch computes over all batches together."""
+    loss_fn = next((m() for f, m in FUNCTIONAL_LOSSES.items() if loss_fn is f), loss_fn)
+    if not isinstance(y, torch.Tensor):
+        return n
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if y.dtype.is_floating_point:
+            return y.numel() // y.shape[1] if y.dim() > 1 else 1
+        return int((y != loss_fn.ignore_index).sum())
+    if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
+        return y.numel()
+    return n
 
 
 #: Functional losses accepted as their module counterparts with default options.
@@ -192,6 +292,9 @@ def loss_spec(loss_fn: object, backend: str, reduction: str | None = None) -> Lo
             "(use 'hessian' for any other twice-differentiable loss)"
         )
     _reject_options(loss_fn, backend)
+    if spec_type is CrossEntropySpec:
+        return CrossEntropySpec(reduction=loss_reduction(loss_fn, reduction), ignore_index=loss_fn.ignore_index,
+                                label_smoothing=float(loss_fn.label_smoothing))
     return spec_type(reduction=loss_reduction(loss_fn, reduction))
 
 
@@ -201,10 +304,6 @@ def _reject_options(loss_fn: nn.Module, backend: str) -> None:
         bad.append("weight")
     if getattr(loss_fn, "pos_weight", None) is not None:
         bad.append("pos_weight")
-    if getattr(loss_fn, "label_smoothing", 0.0):
-        bad.append("label_smoothing")
-    if getattr(loss_fn, "ignore_index", -100) != -100:
-        bad.append("ignore_index")
     if bad:
         raise UnsupportedLossError(
             f"the {backend!r} curvature supports {type(loss_fn).__name__} only with default "

@@ -145,3 +145,34 @@ def _blocks_from_groups(
         )
         for g, idx in groups.items()
     )
+
+
+class ParameterSnapshot:
+    """The values of some parameters at one moment, to tell exactly whether they changed since.
+
+    Version counters miss writes through ``p.data`` (``p.data.copy_``, ``vector_to_parameters``,
+    some ``load_state_dict`` paths) and a rebinding ``p.data = t``; a saved copy compared entry by
+    entry cannot miss any of them. The comparison costs one read of the parameters (no
+    allocation), small next to one curvature product, which reads them and more at least once.
+    Two snapshots compare equal when their values are identical (NaN never is, so a cache at a NaN
+    point is always rebuilt).
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.values = [p.detach().clone() for p in params]
+
+    def matches(self, params: Sequence[torch.Tensor]) -> bool:
+        """Whether ``params`` hold exactly the saved values (shape, dtype and entries)."""
+        if len(params) != len(self.values):
+            return False
+        with torch.no_grad():
+            return all(p.shape == v.shape and p.dtype == v.dtype and torch.equal(p.detach(), v)
+                       for p, v in zip(params, self.values))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ParameterSnapshot):
+            return NotImplemented
+        return other.matches(self.values)
+
+    __hash__ = None  # type: ignore[assignment]

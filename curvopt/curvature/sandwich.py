@@ -32,11 +32,27 @@ class SandwichContext:
     extra: Any = None
 
 
+def missing_forward_ad(error: BaseException) -> bool:
+    """Whether ``error`` says that an operation has no forward-mode derivative (e.g. PyTorch's
+    ``mkldnn_rnn_layer`` for float32 LSTMs on CPU, fused attention kernels)."""
+    text = str(error).lower()
+    return isinstance(error, (NotImplementedError, RuntimeError)) and (
+        "forward ad" in text or "forward-mode" in text or "forward mode" in text or "jvp" in text
+    )
+
+
 class JacobianSandwich(CurvatureOperator):
     """Base of GGN, Fisher and empirical Fisher: ``sum_b w_b J_b^T M_b J_b``.
 
     Needs a loss with a closed form (``CrossEntropyLoss``, ``MSELoss``,
     ``BCEWithLogitsLoss``, reduction ``"mean"`` or ``"sum"``).
+
+    Jacobian-vector products ``J v`` are taken in forward mode (one forward pass carrying the
+    tangent). Where the model has an operation without a forward-mode derivative (float32 LSTM/GRU
+    on CPU, some fused kernels), the operator switches once, at the first product that meets it,
+    to reverse mode (``J v`` as the vector-Jacobian product of the linear map ``u -> J^T u``): the
+    same numbers, about one more backward pass per product. ``op.jacobian_mode`` (also in the
+    operator's ``repr``) says which is in use.
     """
 
     cache_modes = (False, True, "linearize")
@@ -44,22 +60,44 @@ class JacobianSandwich(CurvatureOperator):
     def __init__(self, model, loss_fn, data, **options: Any) -> None:
         super().__init__(model, loss_fn, data, **options)
         self.spec: LossSpec = loss_spec(loss_fn, self.name, options.get("reduction"))
+        #: ``"forward"`` or ``"reverse"``: how ``J v`` is computed (see the class docstring).
+        self.jacobian_mode = "forward"
+        self._forward_checked = False
+
+    def _repr_fields(self) -> dict[str, Any]:
+        return {"jacobian_mode": self.jacobian_mode}
+
+    def _use_reverse(self, error: BaseException) -> None:
+        if not missing_forward_ad(error):
+            raise error
+        self.jacobian_mode = "reverse"
 
     def _batch_context(self, index: int, X: Any, y: torch.Tensor) -> SandwichContext:
         primal = self._primal()
 
         def net(*p: torch.Tensor) -> torch.Tensor:
-            return self._forward(p, X)
+            return self._forward(p, X, index)
 
         out, pullback = vjp(net, *primal)
-        if self.cache == "linearize":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # an FX detail of linearize
-                _, push = linearize(net, *primal)
+        if self.jacobian_mode == "forward" and not self._forward_checked and self.cache != "linearize":
+            # the products run J v lazily, inside vmap: find out here, once, whether forward mode works
+            try:
+                jvp(net, primal, tuple(torch.zeros_like(p) for p in primal))
+                self._forward_checked = True
+            except (NotImplementedError, RuntimeError) as error:
+                self._use_reverse(error)
+        if self.cache == "linearize" and self.jacobian_mode == "forward":
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)  # an FX detail of linearize
+                    _, push = linearize(net, *primal)
+            except (NotImplementedError, RuntimeError) as error:
+                self._use_reverse(error)
+        if self.cache == "linearize" and self.jacobian_mode == "forward":
 
             def push_forward(v: TensorList) -> torch.Tensor:
                 return push(*v)
-        elif self.cache:
+        elif self.cache or self.jacobian_mode == "reverse":
             # J v as the vjp of the linear map u -> J^T u: its graph is built once per
             # batch (about one gradient) and replayed by every product, where
             # re-running jvp would redo the forward pass each time.
@@ -82,13 +120,21 @@ class JacobianSandwich(CurvatureOperator):
 
     def _batch_single_product(
         self, index: int, X: Any, y: torch.Tensor, v: TensorList
-    ) -> tuple[torch.Tensor, TensorList]:
+    ) -> tuple[torch.Tensor, TensorList] | None:
         # One forward pass carries J v as a forward-mode tangent and records the graph
         # that the backward pass then uses: no second forward, as jvp + vjp would need.
+        if self.jacobian_mode != "forward":
+            return None  # context + matvec, in reverse mode
         primal = [p.detach().requires_grad_() for p in self._params]
-        with torch.enable_grad(), fwAD.dual_level():
-            out, Jv = fwAD.unpack_dual(self._forward([fwAD.make_dual(p, t) for p, t in zip(primal, v)], X))
-            Jv = torch.zeros_like(out) if Jv is None else Jv.detach()
+        try:
+            with torch.enable_grad(), fwAD.dual_level():
+                dual = self._forward([fwAD.make_dual(p, t) for p, t in zip(primal, v)], X, index)
+                out, Jv = fwAD.unpack_dual(dual)
+                Jv = torch.zeros_like(out) if Jv is None else Jv.detach()
+        except (NotImplementedError, RuntimeError) as error:
+            self._use_reverse(error)
+            return None
+        self._forward_checked = True
         ctx = self._context(index, out.detach(), y, None, None)
         u = self._output_product(ctx, Jv)
         grads = torch.autograd.grad(out, primal, u, allow_unused=True)

@@ -20,12 +20,8 @@ from torch.optim import Optimizer
 
 from curvopt.curvature.graph_hessian import GraphHessian
 from curvopt.curvature.registry import available_curvatures, check_options, curvature, curvature_class
-from curvopt.errors import CurvoptError, UnknownCurvatureError
+from curvopt.errors import ClosureError, UnknownCurvatureError
 from curvopt.optim.closure import BatchClosure
-
-
-class ClosureError(CurvoptError, TypeError):
-    """``step()`` was called without a usable closure."""
 
 
 @dataclass

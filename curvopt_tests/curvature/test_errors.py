@@ -62,8 +62,8 @@ def test_unsupported_loss_names_supported_ones(setup):
     for name in ["ggn", "fisher", "empirical_fisher"]:
         with pytest.raises(UnsupportedLossError, match="NLLLoss.*CrossEntropyLoss.*MSELoss.*BCEWithLogits"):
             curvopt.curvature(name, model, nn.NLLLoss(), data)
-    with pytest.raises(UnsupportedLossError, match="label_smoothing"):
-        curvopt.curvature("ggn", model, nn.CrossEntropyLoss(label_smoothing=0.1), data)
+    with pytest.raises(UnsupportedLossError, match="weight"):
+        curvopt.curvature("ggn", model, nn.CrossEntropyLoss(weight=torch.ones(3)), data)
     with pytest.raises(UnsupportedLossError, match="reduction 'none'"):
         curvopt.curvature("hessian", model, nn.CrossEntropyLoss(reduction="none"), data)
 
