@@ -1,11 +1,13 @@
 """Command line: ``curvopt analyze [--config FILE.toml]`` and ``curvopt train [--config FILE.toml]``.
 
 With no config, ``analyze`` trains a small CNN on the embedded mnist1d data for a few
-epochs, then prints the top Hessian eigenvalues, the trace with its standard error and
-the per-layer sensitivity table, and writes the spectral density and loss-landscape
-plots. ``train`` trains with the optimizer named in the config and writes per-epoch
-metrics to CSV and the weights to ``model.pt``. Bad configuration ends with a one-line
-error and exit status 2.
+epochs, then prints the top eigenvalues of the configured curvature (the Hessian by
+default), its trace with the standard error and the per-layer sensitivity table, and
+writes the spectral density and loss-landscape plots, each titled with the backend used.
+``train`` trains with the optimizer named in the config and writes per-epoch metrics to
+CSV and the weights to ``model.pt``. Every value of a config, and the checkpoint, is
+checked before any computation: bad configuration ends with a one-line error and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -15,16 +17,19 @@ import copy
 import csv
 import inspect
 import json
+import math
 import sys
 import time
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from curvopt.errors import CurvoptError
+from curvopt.errors import ConfigError, CurvoptError
+from curvopt.linalg.trace import METHODS as TRACE_METHODS
 from curvopt.optim import ARC, KFAC, NewtonMR, TrustRegion, batch_closure
 from curvopt.optim.second_order import SecondOrderOptimizer
 
@@ -54,7 +59,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "train": {"epochs": 10},
     "output": {"dir": "runs/train", "progress": True},
 }
-ARCHS = ("cnn1d", "mlp")
+ARCHS = ("cnn1d", "mlp", "transformer", "lstm")
 DATASETS = ("mnist1d", "digits")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
 #: ``lr`` when the config leaves it at 0: a sensible start per optimizer (1 = the full
@@ -64,8 +69,26 @@ OPTIMIZERS = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "n
               "trust_region": TrustRegion, "arc": ARC}
 
 
-class ConfigError(CurvoptError, ValueError):
-    """A configuration the CLI cannot run."""
+#: Numeric values and their valid range: ``(section, key): (lowest, lowest allowed?)``; every
+#: number must also be finite. Checked when the config is loaded, before any computation.
+RANGES: dict[tuple[str, str], tuple[float, bool]] = {
+    ("model", "train_epochs"): (0, True),
+    ("model", "lr"): (0, False),
+    ("model", "seed"): (0, True),
+    ("data", "samples"): (1, True),
+    ("data", "batch_size"): (1, True),
+    ("estimators", "top_k"): (1, True),
+    ("estimators", "tol"): (0, False),
+    ("estimators", "trace_probes"): (1, True),
+    ("estimators", "density_probes"): (1, True),
+    ("estimators", "density_steps"): (2, True),
+    ("estimators", "sensitivity_bits"): (2, True),
+    ("estimators", "landscape_steps"): (2, True),  # one point is no landscape: refused
+    ("estimators", "landscape_radius"): (0, False),
+    ("estimators", "seed"): (0, True),
+    ("optimizer", "lr"): (0, True),  # 0: the optimizer's default (DEFAULT_LR)
+    ("train", "epochs"): (1, True),
+}
 
 
 def load_config(path: str | None, defaults: dict[str, dict[str, Any]] = DEFAULTS) -> dict[str, dict[str, Any]]:
@@ -99,14 +122,32 @@ def load_config(path: str | None, defaults: dict[str, dict[str, Any]] = DEFAULTS
                 )
             config[section][key] = value
     _check_choices(config)
+    _check_ranges(config, path)
+    reserved = sorted({"params", "progress"} & set(config.get("curvature", {}).get("options", {})))
+    if reserved:
+        raise ConfigError(f"[curvature] options in {path} may not set {', '.join(reserved)}: the command sets "
+                          "them (all parameters; progress from [output] progress)")
     return config
+
+
+def _check_ranges(config: dict[str, dict[str, Any]], path: str) -> None:
+    """Every number within its range (:data:`RANGES`), so that no run fails after its computation."""
+    for (section, key), (low, inclusive) in RANGES.items():
+        if key not in config.get(section, {}):  # train configs have fewer keys
+            continue
+        value = config[section][key]
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok:
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"[{section}] {key} = {value!r} in {path}; it must be a finite number {bound}")
 
 
 def _check_choices(config: dict[str, dict[str, Any]]) -> None:
     from curvopt.curvature import available_curvatures
 
     choices = [("model", "arch", ARCHS), ("data", "dataset", DATASETS), ("loss", "name", tuple(LOSSES)),
-               ("curvature", "backend", tuple(available_curvatures())), ("optimizer", "name", tuple(OPTIMIZERS))]
+               ("curvature", "backend", tuple(available_curvatures())), ("optimizer", "name", tuple(OPTIMIZERS)),
+               ("estimators", "trace_method", TRACE_METHODS)]
     for section, key, valid in choices:
         if section in config and config[section][key] not in valid:
             raise ConfigError(f"[{section}] {key} = {config[section][key]!r}; valid: {', '.join(valid)}")
@@ -119,12 +160,56 @@ def _dataset(config):
 
 
 def _model(config, features: int, classes: int) -> nn.Module:
-    from curvopt.models import cnn1d, mlp
+    """The ``[model] arch`` network for inputs ``[N, features]``: the transformer and the LSTM
+    read the signal as a sequence of patches of 4 values (:func:`curvopt.models.transformer`)."""
+    from curvopt.models import cnn1d, lstm, mlp, transformer
 
     torch.manual_seed(config["model"]["seed"])
-    if config["model"]["arch"] == "cnn1d":
+    arch = config["model"]["arch"]
+    if arch == "cnn1d":
         return cnn1d(length=features, classes=classes)
+    if arch == "transformer":
+        return transformer(features, classes)
+    if arch == "lstm":
+        return lstm(features, classes)
     return mlp((features, 128, 128, classes))
+
+
+def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` saved with ``torch.save`` at ``path``, read with ``weights_only=True``.
+
+    Raises:
+        ConfigError: the file is missing or is not a state dict (a pickled module, a tensor, an
+            optimizer state, a corrupt file).
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"[model] checkpoint not found: {path}")
+    fix = "save one with torch.save(model.state_dict(), path)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: pickled modules, corrupt or foreign files
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"[model] checkpoint {path} cannot be read as a state dict ({first}); {fix}") from e
+    if not (isinstance(state, dict) and state and
+            all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        kind = type(state).__name__ if not isinstance(state, dict) else "dict that is not a state dict"
+        raise ConfigError(f"[model] checkpoint {path} holds a {kind}, not a model's state dict; {fix}")
+    return state
+
+
+def _load_checkpoint(model: nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:
+    """Load ``state`` (read from ``path``) into ``model``.
+
+    Raises:
+        ConfigError: ``state`` is the state dict of another architecture.
+    """
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # "Missing key(s) ...", "size mismatch ..."
+        detail = detail if len(detail) <= 200 else detail[:197] + "..."
+        raise ConfigError(f"[model] checkpoint {path} does not fit a {arch}: {detail}") from e
 
 
 def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, loss_fn: Any = None) -> tuple[float, float]:
@@ -158,46 +243,50 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
     est, outcfg = config["estimators"], config["output"]
     progress = bool(outcfg["progress"])
     out = Path(out or outcfg["dir"])
+    ckpt = config["model"]["checkpoint"]
+    state = _read_checkpoint(ckpt) if ckpt else None  # a wrong file fails before the data is built
     data = _dataset(config)
     model = _model(config, data.X_train.shape[1], data.num_classes)
     loss_fn = LOSSES[config["loss"]["name"]]()
-    ckpt = config["model"]["checkpoint"]
-    t0 = time.perf_counter()
-    if ckpt:
-        if not Path(ckpt).is_file():
-            raise ConfigError(f"[model] checkpoint not found: {ckpt}")
-        try:
-            model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
-        except (RuntimeError, KeyError) as e:
-            raise ConfigError(f"[model] checkpoint {ckpt} does not fit a {config['model']['arch']}: "
-                              f"{str(e).splitlines()[0]}") from e
-    else:
-        _train(model, data, loss_fn, config, progress)
-    model.eval()
+    backend = config["curvature"]["backend"]
+    options = dict(config["curvature"]["options"])
+    options.setdefault("cache", True)
     n = min(config["data"]["samples"], data.X_train.shape[0])
     batches = list(zip(data.X_train[:n].split(config["data"]["batch_size"]),
                        data.y_train[:n].split(config["data"]["batch_size"])))
+    # Everything that can be checked before the computation is: the checkpoint, the budgets
+    # against the model's size, and the backend options (building an operator runs no pass).
+    t0 = time.perf_counter()
+    if state is not None:
+        _load_checkpoint(model, state, ckpt, config["model"]["arch"])
+    P = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if est["top_k"] > P:
+        raise ConfigError(f"[estimators] top_k = {est['top_k']} exceeds the {P} parameters of the "
+                          f"{config['model']['arch']}")
+    with warnings.catch_warnings():  # the real operator below warns once
+        warnings.simplefilter("ignore")
+        curvature(backend, model, loss_fn, batches, **options)
+    if not ckpt:
+        _train(model, data, loss_fn, config, progress)
+    model.eval()
     print(f"model: {config['model']['arch']} ({sum(p.numel() for p in model.parameters())} parameters), "
           f"{'loaded' if ckpt else 'trained'} in {time.perf_counter() - t0:.1f}s; "
           f"train acc {_evaluate(model, data.X_train, data.y_train)[1]:.3f}, "
           f"test acc {_evaluate(model, data.X_test, data.y_test)[1]:.3f}")
-    backend = config["curvature"]["backend"]
-    options = dict(config["curvature"]["options"])
-    options.setdefault("cache", True)
     bar = f"{backend} pass" if progress else False
     op = curvature(backend, model, loss_fn, batches, progress=bar, **options)
     print(f"curvature: {backend} on {n} samples in {len(batches)} batches, P = {op.shape[0]}")
 
     top = curvopt.top_eigenvalues(op, est["top_k"], tol=est["tol"], seed=est["seed"])
-    print(f"top-{est['top_k']} eigenvalues ({top.iterations} products): "
+    print(f"top-{est['top_k']} eigenvalues of the {backend} ({top.iterations} products): "
           + ", ".join(f"{v:.4g}" for v in top.eigenvalues.tolist()))
     report = curvopt.sensitivity(model, batches, loss_fn, curvature=backend, probes=est["trace_probes"],
                                  method=est["trace_method"], bits=est["sensitivity_bits"], seed=est["seed"],
                                  progress=bar, **options)
-    print(f"trace: {report.total_trace:.4g} ± {report.total_trace_se:.2g} "
+    print(f"{backend} trace: {report.total_trace:.4g} ± {report.total_trace_se:.2g} "
           f"({est['trace_method']}, {est['trace_probes']} products)")
     print(report.table())
-    result = {"top_eigenvalues": top.eigenvalues.tolist(), "trace": report.total_trace,
+    result = {"backend": backend, "top_eigenvalues": top.eigenvalues.tolist(), "trace": report.total_trace,
               "trace_se": report.total_trace_se, "sensitivity": report.to_dict()}
     out.mkdir(parents=True, exist_ok=True)
     if outcfg["plots"]:
@@ -205,12 +294,13 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
 
         grid, dens = curvopt.spectral_density(op, probes=est["density_probes"], steps=est["density_steps"],
                                               seed=est["seed"])
-        paths = [plot_spectral_density(grid, dens, out / "spectral_density.png")]
+        paths = [plot_spectral_density(grid, dens, out / "spectral_density.png",
+                                       title=f"{backend} eigenvalue density")]
         land = curvopt.loss_landscape(model, loss_fn, batches, [top.eigenvectors[:, 0]],
                                       steps=est["landscape_steps"], radius=est["landscape_radius"],
                                       progress="landscape pass" if progress else False)
         paths.append(plot_landscape(land, out / "landscape_top_eigenvector.png",
-                                    title="loss along the top Hessian eigenvector"))
+                                    title=f"loss along the top {backend} eigenvector"))
         if top.eigenvectors.shape[1] > 1:
             land2 = curvopt.loss_landscape(model, loss_fn, batches,
                                            [top.eigenvectors[:, 0], top.eigenvectors[:, 1]],
@@ -218,7 +308,7 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
                                            radius=est["landscape_radius"],
                                            progress="landscape pass" if progress else False)
             paths.append(plot_landscape(land2, out / "landscape_top2.png",
-                                        title="loss on the top-2 eigenvector plane"))
+                                        title=f"loss on the top-2 {backend} eigenvector plane"))
         result["plots"] = [str(p) for p in paths]
         print("plots: " + ", ".join(result["plots"]))
     (out / "analysis.json").write_text(json.dumps(result, indent=2))

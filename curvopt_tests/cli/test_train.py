@@ -65,7 +65,7 @@ progress = false
 @pytest.mark.parametrize("text,message", [
     ("[optimizer]\nname = 'lbfgs'\n", "name = 'lbfgs'; valid: kfac, adam, sgd"),
     ("[optimizer]\noptions = { dampnig = 0.1 }\n", "unknown key(s) 'dampnig'; valid: damping"),
-    ("[optimizer]\nlr = -1.0\n", "[optimizer] kfac: lr must be >= 0"),
+    ("[optimizer]\nlr = -1.0\n", "[optimizer] lr = -1.0"),  # checked when the config is loaded
     ("[train]\nepochz = 3\n", "unknown key 'epochz' in [train]"),
 ])
 def test_bad_train_config(tmp_path, capsys, text, message):

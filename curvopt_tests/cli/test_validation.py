@@ -1,0 +1,193 @@
+"""CLI: every config value and the checkpoint are checked before any computation (one line, exit 2);
+reports and plots name the backend used; ``arch = "transformer"``."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import curvopt.cli as cli
+from curvopt.cli import main
+
+
+def _write(tmp_path, text, name="cfg.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def no_computation(monkeypatch):
+    """Building the dataset or training counts as computation: a config error must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computation started before the config was validated")
+
+    monkeypatch.setattr(cli, "_dataset", refuse)
+    monkeypatch.setattr(cli, "_train", refuse)
+
+
+def _one_line_error(capsys, message):
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("curvopt: error: ")
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[estimators]\ntop_k = 0\n", "[estimators] top_k = 0"),
+    ("[estimators]\ntop_k = -3\n", "[estimators] top_k = -3"),
+    ("[estimators]\ntrace_probes = 0\n", "[estimators] trace_probes = 0"),
+    ("[estimators]\ntrace_probes = 2.5\n", "trace_probes = 2.5 should be a int"),
+    ("[estimators]\ndensity_probes = -1\n", "[estimators] density_probes = -1"),
+    ("[estimators]\ndensity_steps = 0\n", "[estimators] density_steps = 0"),
+    ("[estimators]\ntol = 0\n", "[estimators] tol = 0.0"),
+    ("[estimators]\ntol = -1e-3\n", "[estimators] tol = -0.001"),
+    ("[estimators]\ntol = nan\n", "[estimators] tol = nan"),
+    ("[estimators]\ntrace_method = 'hutch'\n", "trace_method = 'hutch'; valid: hutchinson, hutchpp"),
+    ("[estimators]\nsensitivity_bits = 1\n", "[estimators] sensitivity_bits = 1"),
+    ("[estimators]\nlandscape_steps = 1\n", "[estimators] landscape_steps = 1"),
+    ("[estimators]\nlandscape_steps = 0\n", "[estimators] landscape_steps = 0"),
+    ("[estimators]\nlandscape_radius = 0\n", "[estimators] landscape_radius = 0.0"),
+    ("[estimators]\nlandscape_radius = inf\n", "[estimators] landscape_radius = inf"),
+    ("[data]\nbatch_size = 0\n", "[data] batch_size = 0"),
+    ("[data]\nbatch_size = -5\n", "[data] batch_size = -5"),
+    ("[data]\nsamples = 0\n", "[data] samples = 0"),
+    ("[model]\ntrain_epochs = -1\n", "[model] train_epochs = -1"),
+    ("[model]\nlr = 0\n", "[model] lr = 0.0"),
+    ("[curvature]\noptions = { progress = true }\n", "may not set progress"),
+])
+def test_bad_analyze_values_fail_before_any_computation(tmp_path, capsys, no_computation, text, message):
+    assert main(["analyze", "--config", _write(tmp_path, text)]) == 2
+    _one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[data]\nbatch_size = 0\n", "[data] batch_size = 0"),
+    ("[train]\nepochs = 0\n", "[train] epochs = 0"),
+    ("[train]\nepochs = -2\n", "[train] epochs = -2"),
+    ("[optimizer]\nlr = -0.1\n", "[optimizer] lr = -0.1"),
+])
+def test_bad_train_values_fail_before_any_computation(tmp_path, capsys, no_computation, text, message):
+    assert main(["train", "--config", _write(tmp_path, text)]) == 2
+    _one_line_error(capsys, message)
+
+
+def _checkpoints(tmp_path):
+    from curvopt.models import cnn1d, mlp
+
+    torch.save(mlp((64, 128, 128, 10)), tmp_path / "module.pt")  # the whole pickled module
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    opt = torch.optim.SGD(mlp((40, 8, 10)).parameters(), lr=0.1)
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    torch.save(cnn1d(64, classes=10).state_dict(), tmp_path / "cnn.pt")
+    return {
+        "module.pt": "cannot be read as a state dict",
+        "tensor.pt": "holds a Tensor, not a model's state dict",
+        "optimizer.pt": "not a model's state dict",
+        "garbage.pt": "cannot be read as a state dict",
+        "cnn.pt": "does not fit a mlp",
+    }
+
+
+def test_checkpoint_of_the_wrong_kind_fails_at_load_time(tmp_path, capsys, monkeypatch):
+    cases = _checkpoints(tmp_path)
+    computed = []
+    monkeypatch.setattr(cli, "_train", lambda *a, **k: computed.append("train"))
+    import curvopt
+
+    monkeypatch.setattr(curvopt, "top_eigenvalues", lambda *a, **k: computed.append("analysis"))
+    for name, message in cases.items():
+        ckpt = tmp_path / name
+        cfg = _write(tmp_path, f"[model]\narch = 'mlp'\ncheckpoint = '{ckpt}'\n[data]\ndataset = 'digits'\n")
+        assert main(["analyze", "--config", cfg]) == 2, name
+        _one_line_error(capsys, message)
+    assert computed == []
+
+
+def test_checkpoint_is_read_before_the_data_is_built(tmp_path, capsys, no_computation):
+    cases = _checkpoints(tmp_path)
+    for name in ("module.pt", "tensor.pt", "garbage.pt"):
+        cfg = _write(tmp_path, f"[model]\narch = 'mlp'\ncheckpoint = '{tmp_path / name}'\n")
+        assert main(["analyze", "--config", cfg]) == 2
+        _one_line_error(capsys, cases[name])
+
+
+def test_unknown_backend_option_and_oversized_top_k_fail_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_train", lambda *a, **k: pytest.fail("trained before validating"))
+    cfg = _write(tmp_path, "[model]\narch = 'mlp'\n[data]\ndataset = 'digits'\n"
+                           "[curvature]\nbackend = 'ggn'\noptions = { mc_sample = 3 }\n")
+    assert main(["analyze", "--config", cfg]) == 2
+    _one_line_error(capsys, "unknown option(s) 'mc_sample'")
+    cfg = _write(tmp_path, "[model]\narch = 'mlp'\n[data]\ndataset = 'digits'\n[estimators]\ntop_k = 100000\n")
+    assert main(["analyze", "--config", cfg]) == 2
+    _one_line_error(capsys, "top_k = 100000 exceeds the")
+
+
+SMALL = """
+[model]
+arch = "{arch}"
+train_epochs = 0
+[data]
+dataset = "digits"
+samples = 64
+batch_size = 32
+[curvature]
+backend = "{backend}"
+[estimators]
+top_k = 2
+trace_probes = 3
+density_probes = 1
+density_steps = 4
+landscape_steps = 2
+[output]
+progress = false
+plots = true
+"""
+
+
+def test_report_and_plot_titles_name_the_backend(tmp_path, capsys, monkeypatch):
+    from curvopt.analysis import plots
+
+    titles = []
+
+    def record(*args, title, **kwargs):
+        titles.append(title)
+        return args[-1]
+
+    monkeypatch.setattr(plots, "plot_spectral_density", record)
+    monkeypatch.setattr(plots, "plot_landscape", record)
+    cfg = _write(tmp_path, SMALL.format(arch="mlp", backend="ggn"))
+    assert main(["analyze", "--config", cfg, "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert len(titles) == 3 and all("ggn" in t and "Hessian" not in t for t in titles), titles
+    assert "top-2 eigenvalues of the ggn" in out and "ggn trace:" in out and "ggn sensitivity" in out
+    assert json.loads((tmp_path / "out" / "analysis.json").read_text())["backend"] == "ggn"
+
+
+def test_transformer_arch_trains_and_analyzes(tmp_path, capsys):
+    from curvopt.models import transformer
+
+    train_cfg = _write(tmp_path, "[model]\narch = 'transformer'\n[data]\ndataset = 'digits'\nbatch_size = 256\n"
+                                 "[optimizer]\nname = 'adam'\n[train]\nepochs = 1\n[output]\nprogress = false\n",
+                       "train.toml")
+    assert main(["train", "--config", train_cfg, "--out", str(tmp_path / "run")]) == 0
+    state = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    reference = transformer(64, 10)
+    assert set(state) == set(reference.state_dict())
+    text = SMALL.format(arch="transformer", backend="hessian").replace("plots = true", "plots = false")
+    text = text.replace("train_epochs = 0", f"checkpoint = '{tmp_path / 'run' / 'model.pt'}'")
+    text = text.replace("samples = 64", "samples = 32").replace("top_k = 2", "top_k = 1")
+    assert main(["analyze", "--config", _write(tmp_path, text), "--out", str(tmp_path / "a")]) == 0
+    result = json.loads((tmp_path / "a" / "analysis.json").read_text())
+    assert "encoder.layers.0.self_attn.out_proj" in result["sensitivity"]["ranking"]
+    assert all(isinstance(v, float) for v in result["top_eigenvalues"])
+
+
+def test_lstm_arch_is_built():
+    config = cli.load_config(None)
+    config["model"]["arch"] = "lstm"
+    model = cli._model(config, 40, 10)
+    assert any(isinstance(m, nn.LSTM) for m in model.modules())
+    assert model(torch.randn(3, 40)).shape == (3, 10)
