@@ -3,10 +3,11 @@
 ``optimizer = curvopt.KFAC(model.parameters())``, then the usual
 ``zero_grad(); loss.backward(); step()``. The optimizer finds the ``Linear``/``Conv1d``/
 ``Conv2d`` layers that own its parameters by itself: one global module forward hook,
-filtered by parameter identity, records each such layer's input and puts a hook on its
-output's gradient. Kronecker factors are the empirical Fisher's (the gradients of the
-loss being minimized), computed with the same functions as the ``kfac`` curvature
-operator (:mod:`curvopt.curvature.kfac`).
+filtered by parameter identity, notes each such layer's input and puts a hook on its
+output's gradient; the statistics are taken when that gradient arrives, so a forward
+pass that no backward pass follows leaves nothing behind. Kronecker factors are the
+empirical Fisher's (the gradients of the loss being minimized), computed with the same
+functions as the ``kfac`` curvature operator (:mod:`curvopt.curvature.kfac`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim import Optimizer
 
 from curvopt.curvature.kfac import (
@@ -32,8 +33,14 @@ from curvopt.curvature.kfac import (
     layer_inputs,
     layer_output_vectors,
     output_factor,
+    statistics_dtype,
 )
 from curvopt.curvature.losses import loss_spec
+from curvopt.errors import OptionError
+
+#: State entries that hold curvature statistics: kept in float32 for half-precision parameters,
+#: also through ``load_state_dict`` (which casts floating state to the parameter's dtype).
+STATISTICS_KEYS = ("A", "G", "inv_A", "inv_G", "eig_A", "eig_G", "diag")
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -48,6 +55,36 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
 def _decayed(grad: torch.Tensor, p: torch.Tensor, wd: float) -> torch.Tensor:
     """The gradient with the L2 penalty's ``wd * p`` added (``grad`` itself when ``wd`` is 0)."""
     return grad + wd * p if wd else grad
+
+
+def _batch_dim(module: nn.Module) -> int:
+    """The batch dimension of a module's first input: 1 for recurrent layers and attention with
+    ``batch_first=False``, else 0."""
+    return 1 if getattr(module, "batch_first", True) is False else 0
+
+
+def _keep_dtype(value: Any, like: Any, device: torch.device) -> Any:
+    """``value`` (a tensor or a tuple of them) on ``device`` in the dtype of ``like``."""
+    if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor):
+        return value.to(device=device, dtype=like.dtype)
+    if isinstance(value, (tuple, list)) and isinstance(like, (tuple, list)):
+        return type(value)(_keep_dtype(v, w, device) for v, w in zip(value, like))
+    return value
+
+
+class _Application:
+    """One application of a Kronecker layer in a forward pass, kept alive by its output's gradient
+    hook only (and, for the latest forward pass of the layer, by the optimizer for
+    :meth:`KFAC.mc_backward`): once the user drops an output that no backward pass reached, it is
+    freed with the graph."""
+
+    __slots__ = ("key", "module", "group", "bias", "x", "forward", "output", "taken", "__weakref__")
+
+    def __init__(self, key: int, module: nn.Module, group: dict, bias: bool, x: torch.Tensor,
+                 forward: dict, output: torch.Tensor | None) -> None:
+        self.key, self.module, self.group, self.bias = key, module, group, bias
+        self.x, self.forward, self.output = x, forward, output
+        self.taken: dict | None = None  # the statistics its input went into
 
 
 def _average_factors(state: dict, new: dict[str, tuple[torch.Tensor, float]], decay: float) -> None:
@@ -88,20 +125,46 @@ class KFAC(Optimizer):
     before ``loss.backward()``: ``optimizer.mc_backward(outputs, loss_fn)``
     (:meth:`mc_backward`), which draws labels from the model's predictions.
 
-    Statistics recorded by forward and backward passes belong to the gradients they came
-    with: they accumulate over several backward calls (gradient accumulation) and are
-    dropped by ``zero_grad()`` and by a skipped step. Like the gradient, the factors are then
-    those of the loss averaged over all the step's samples when each micro-batch's mean loss is
-    weighted by its share of them (``loss * len(batch) / total``, or ``/ k`` for ``k`` equal
-    micro-batches): one step on the micro-batches equals one step on them together.
+    Statistics belong to the gradients they come with: a layer's input and output gradient
+    are taken when the gradient arrives, so a forward pass with gradients enabled that no
+    backward pass follows (validation without ``torch.no_grad()``) adds nothing and keeps
+    nothing alive once its outputs are dropped. They accumulate over several backward calls
+    (gradient accumulation) and are dropped by ``zero_grad()`` and by a skipped step. Like the
+    gradient, the factors are then those of the loss averaged over all the step's samples when
+    each micro-batch's mean loss is weighted by its share of them (``loss * len(batch) / total``,
+    or ``/ k`` for ``k`` equal micro-batches): one step on the micro-batches equals one step on
+    them together.
 
-    Parameters outside Kronecker layers (norm layers, embeddings, ...) get a diagonal block:
-    a moving average of ``N * grad**2`` (``N`` the samples their module saw since the last
-    step), the "square of the sum" estimate of the Fisher diagonal, which assumes ``grad`` is
-    the gradient of a mean loss. One warning names them at the first step.
+    What each layer gets (as in the ``kfac`` curvature operator):
+
+    * ``Linear``, ``Conv1d``/``Conv2d`` (``groups=1``, zero padding): ``A ⊗ G``. A layer applied
+      several times in one forward pass (one call of the outermost module) has its statistics
+      over all applications, as extra positions (Eschenhagen et al., 2023): ``A`` the mean over
+      the rows of all applications, ``G`` ``N`` times the sum of ``g g^T`` over them, the
+      applications sharing the forward pass's ``N`` samples.
+    * Every other parameter gets a diagonal block: a moving average of ``N * grad**2`` (``N``
+      the samples their module saw since the last step, counted along the batch dimension,
+      dim 1 for ``batch_first=False`` layers), the "square of the sum" estimate of the Fisher
+      diagonal, which assumes ``grad`` is the gradient of a mean loss. This covers norm layers,
+      embeddings, ``nn.RNN``/``LSTM``/``GRU`` and ``nn.MultiheadAttention`` (its ``in_proj`` and
+      its ``out_proj``, a ``Linear`` whose forward never runs, so its hook never fires). One
+      warning names them at the first step.
+
+    Half-precision (bfloat16/float16) parameters: the statistics are accumulated and kept in
+    float32 (also through ``load_state_dict``), the update is computed in float32 and applied in
+    the parameters' dtype.
+
+    Mixed precision: ``scaler.step(optimizer)`` of a ``torch.amp.GradScaler`` hands the optimizer
+    its scale (PyTorch's ``_step_supports_amp_scaling`` protocol, attributes ``grad_scale`` and
+    ``found_inf``); the optimizer unscales the gradients and ``G`` itself and skips the step on
+    inf/NaN, so ``grad_scaler=`` is needed only when ``scaler.unscale_(optimizer)`` is called before
+    ``scaler.step`` (then the statistics' scale is read from it).
     A non-finite gradient or factor skips the step: parameters, factors and counters stay
     as they were, and a warning says why.
     """
+
+    #: ``torch.amp.GradScaler.step`` passes its scale instead of unscaling the gradients itself.
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float = 1e-2, damping: float = 1e-3, momentum: float = 0.9,
                  weight_decay: float = 0.0, factor_decay: float = 0.95, factor_every: int = 1,
@@ -125,20 +188,33 @@ class KFAC(Optimizer):
         super().__init__(params, defaults)
         self._layers: dict[int, nn.Module] = {}  # id(weight) -> layer owning it
         self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
+        # id(weight) -> (forward id, forward info, applications) of the layer's latest forward pass,
+        # the one mc_backward may need; older applications live only as long as their graphs
+        self._latest: dict[int, tuple[int, dict, list[_Application]]] = {}
+        self._forward = {"depth": 0, "id": 0}  # nesting of module calls; id of the outermost call
         self._warned_diagonal = False
         self._diag_counts: dict[int, tuple[int, str]] = {}  # id(param) -> (samples, "Module.name")
         self._mc = {"step": False, "forward": False}  # mc_backward called / a recorded layer ran
         self._plans: dict[int, tuple] = {}  # id(group) -> (signature, plan), see _plan
         self.grad_scaler = grad_scaler
         me = weakref.ref(self)
+        depth = self._forward
+
+        def pre_hook(module: nn.Module, inputs: tuple) -> None:
+            if depth["depth"] == 0:  # an outermost call: a new forward pass
+                depth["id"] += 1
+            depth["depth"] += 1
 
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            depth["depth"] = max(depth["depth"] - 1, 0)
             opt = me()
             if opt is not None:
                 opt._record(module, inputs, output)
 
-        self._hook = register_module_forward_hook(hook)
-        weakref.finalize(self, self._hook.remove)
+        # always_call: an exception inside a forward pass must not leave the depth counter raised
+        self._hooks = (register_module_forward_pre_hook(pre_hook),
+                       register_module_forward_hook(hook, always_call=True))
+        weakref.finalize(self, _remove_hooks, self._hooks)
 
     # ------------------------------------------------------------------ statistics
     def _owned(self) -> dict[int, tuple[dict, torch.Tensor]]:
@@ -165,60 +241,108 @@ class KFAC(Optimizer):
         if self.state[weight].get("step", 0) % group["factor_every"] != 0:
             return
         self._layers[key] = module
-        bias = module.bias is not None and id(module.bias) in owned
-        stats = self._pending.get(key)
-        if stats is None:  # sums over the step's batches, normalized when the step takes them
-            stats = self._pending[key] = {"A": None, "a_count": 0, "G": None, "g_count": 0, "g_calls": 0,
-                                          "g_samples": 0, "outputs": []}
-        with torch.no_grad():
-            a = layer_inputs(module, inputs[0].detach())
-            n = a.shape[0]
-            stats["A"] = input_factor(a, group["kfac_approx"], bias=bias, alpha=n, out=stats["A"])
-        stats["a_count"] += n
-        stats["outputs"].append((output, module, group, n))
+        x = inputs[0].detach()  # shares storage with the input the layer's backward keeps anyway
+        fid = self._forward["id"]
+        latest = self._latest.get(key)
+        if latest is None or latest[0] != fid:  # the layer's first application in this forward pass
+            latest = self._latest[key] = (fid, {"n": x.shape[0], "rows": 0, "a_taken": None, "g_taken": None}, [])
+        forward, applications = latest[1], latest[2]
+        forward["rows"] += self._rows(module, x, group)
+        app = _Application(key, module, group, module.bias is not None and id(module.bias) in owned, x, forward,
+                           output)
+        applications.append(app)
+        me = weakref.ref(self)
 
         def on_grad(grad: torch.Tensor) -> None:
-            if self._mc["step"]:
-                return  # this step's G comes from mc_backward's sampled labels
-            self._add_G(stats, module, group, grad.detach().unsqueeze(0), n)
+            opt = me()
+            if opt is not None:
+                opt._take(app, None if opt._mc["step"] else grad.detach().unsqueeze(0))
 
         output.register_hook(on_grad)
 
+    @staticmethod
+    def _rows(module: nn.Module, x: torch.Tensor, group: dict) -> int:
+        """Rows one application adds to ``A``: samples times positions (``expand``) or samples."""
+        if group["kfac_approx"] == "reduce":
+            return x.shape[0]
+        if isinstance(module, nn.Linear):
+            return x.numel() // max(x.shape[-1], 1)
+        return layer_inputs(module, x[:1]).shape[1] * x.shape[0]  # positions of one sample
+
+    def _statistics(self, key: int) -> dict:
+        stats = self._pending.get(key)
+        if stats is None:  # sums over the step's batches, normalized when the step takes them
+            stats = self._pending[key] = {"A": None, "a_count": 0, "G": None, "g_count": 0, "g_calls": 0,
+                                          "g_samples": 0}
+        return stats
+
+    @torch.no_grad()
+    def _take(self, app: _Application, grads: torch.Tensor | None) -> None:
+        """Add an application's statistics once its output gradient arrived: ``A`` from its input
+        (once per step), and ``G`` from ``grads`` ``[S, N, ...]`` unless None (mc_backward's step)."""
+        stats = self._statistics(app.key)
+        forward = app.forward
+        if app.taken is not stats:
+            app.taken = stats
+            # the forward pass's rows all weigh alike: A is the mean over the rows of every application
+            a = layer_inputs(app.module, app.x)
+            rows = a.shape[0] * (1 if app.group["kfac_approx"] == "reduce" else a.shape[1])
+            stats["A"] = input_factor(a, app.group["kfac_approx"], bias=app.bias,
+                                      alpha=forward["n"] * rows / max(forward["rows"], 1), out=stats["A"])
+            if forward["a_taken"] is not stats:  # the applications share the forward pass's samples
+                forward["a_taken"] = stats
+                stats["a_count"] += forward["n"]
+        if grads is not None:
+            self._add_G(stats, app, grads)
+
+    @staticmethod
+    @torch.no_grad()
+    def _add_G(stats: dict, app: _Application, grads: torch.Tensor) -> None:
+        """Add ``sum g g^T`` for gradients ``[S, N, ...]`` w.r.t. a layer output, with their
+        counts. The step's ``G`` is ``N_total sum g g^T / S``: for gradients of a mean over all
+        ``N_total`` samples of the step (``(1/N_total) d l_n / d s``, also when they arrive in
+        several backward calls of micro-batches whose losses are divided by their number), the
+        Fisher's output factor, averaged over the ``S`` draws. Applications of the layer in one
+        forward pass share its samples: they count them once."""
+        g = layer_output_vectors(app.module, grads)
+        stats["G"] = output_factor(g, app.group["kfac_approx"], out=stats["G"])
+        stats["g_count"] += grads.shape[0]
+        stats["g_calls"] += 1
+        if app.forward["g_taken"] is not stats:
+            app.forward["g_taken"] = stats
+            stats["g_samples"] += app.forward["n"]
+
     def _record_diagonal(self, module: nn.Module, inputs: tuple) -> None:
-        """Count the samples seen by a module's own parameters (diagonal blocks): the leading
+        """Count the samples seen by a module's own parameters (diagonal blocks): the batch
         dimension of its first tensor input."""
         owned = self._owned()
         x = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
-        n = x.shape[0] if x is not None and x.dim() > 0 else 1
+        dim = _batch_dim(module)
+        n = x.shape[dim] if x is not None and x.dim() > dim else 1
         for name, p in module._parameters.items():
             if p is not None and id(p) in owned:
                 seen, _ = self._diag_counts.get(id(p), (0, ""))
                 self._diag_counts[id(p)] = (seen + n, f"{type(module).__name__}.{name}")
 
-    @staticmethod
-    @torch.no_grad()
-    def _add_G(stats: dict, module: nn.Module, group: dict, grads: torch.Tensor, n: int) -> None:
-        """Add ``sum g g^T`` for gradients ``[S, N, ...]`` w.r.t. a layer output, with their
-        counts. The step's ``G`` is ``N_total sum g g^T / S``: for gradients of a mean over all
-        ``N_total`` samples of the step (``(1/N_total) d l_n / d s``, also when they arrive in
-        several backward calls of micro-batches whose losses are divided by their number), the
-        Fisher's output factor, averaged over the ``S`` draws."""
-        g = layer_output_vectors(module, grads)
-        stats["G"] = output_factor(g, group["kfac_approx"], out=stats["G"])
-        stats["g_count"] += grads.shape[0]
-        stats["g_calls"] += 1
-        stats["g_samples"] += n
-
     def load_state_dict(self, state_dict: dict) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``; drops the cached per-group plans, which
-        point into the replaced state."""
+        """As ``torch.optim.Optimizer.load_state_dict``, with the curvature statistics in their saved
+        dtype (float32 for half-precision parameters; torch would cast them to the parameter's
+        dtype); drops the cached per-group plans, which point into the replaced state."""
+        saved = {index: {k: v for k, v in entry.items() if k in STATISTICS_KEYS}
+                 for index, entry in state_dict["state"].items()}
         super().load_state_dict(state_dict)
+        indices = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for index, p in zip(indices, params):
+            for k, v in saved.get(index, {}).items():
+                self.state[p][k] = _keep_dtype(self.state[p][k], v, p.device)
         self._plans.clear()
 
     def close(self) -> None:
-        """Remove the module hook now (it is also removed when the optimizer is collected)."""
-        self._hook.remove()
+        """Remove the module hooks now (they are also removed when the optimizer is collected)."""
+        _remove_hooks(self._hooks)
         self._clear()
+        self._latest.clear()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients and the curvature statistics recorded with them."""
@@ -226,6 +350,7 @@ class KFAC(Optimizer):
         super().zero_grad(set_to_none=set_to_none)
 
     def _clear(self) -> None:
+        # the latest forward passes stay: mc_backward may follow a zero_grad() placed after the forward
         self._pending.clear()
         self._diag_counts.clear()
         self._mc["step"] = self._mc["forward"] = False
@@ -247,21 +372,21 @@ class KFAC(Optimizer):
         untouched.
         """
         spec = loss_spec(loss_fn, "KFAC.mc_backward")
-        records = [(stats, *rec) for stats in self._pending.values() for rec in stats["outputs"]]
+        records = [app for _, _, apps in self._latest.values() for app in apps if app.output is not None]
         if not records:
             if self._mc.get("forward"):
                 return  # no layer updates its factors at this step (factor_every)
             raise RuntimeError("mc_backward needs a forward pass through the optimizer's layers with "
-                               "gradients enabled since the last zero_grad()/step()")
+                               "gradients enabled since the last step()")
         with torch.no_grad():
             U = spec.sampled_gradients(outputs.detach(), samples, generator) * spec.scale(outputs.detach())
         self._mc["step"] = True  # the output hooks stand aside for this step
         # all draws in one batched backward, to the recorded layer outputs only
-        grads = torch.autograd.grad(outputs, [r[1] for r in records], U, retain_graph=True, allow_unused=True,
-                                    is_grads_batched=True)
-        for (stats, _, module, group, n), g in zip(records, grads):
-            if g is not None:
-                self._add_G(stats, module, group, g, n)
+        grads = torch.autograd.grad(outputs, [app.output for app in records], U, retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        for app, g in zip(records, grads):
+            if g is not None:  # None: an output of another forward pass than ``outputs``'
+                self._take(app, g)
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -271,13 +396,19 @@ class KFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._latest.clear()  # no mc_backward after the step: free the last forward pass's outputs
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step (amp scaling protocol)
+        if found_inf is not None and float(found_inf) > 0:  # the scaler's own skip: it backs off its scale
+            self._clear()
+            return loss
+        stats_scale = self._statistics_scale(grads)
         if grads and not _all_finite(grads):
             warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
                           stacklevel=2)
             self._clear()
             return loss
-        new = self._new_factors()
+        new = self._new_factors(stats_scale)
         if new is None:
             return loss
         for group in self.param_groups:
@@ -285,17 +416,35 @@ class KFAC(Optimizer):
         self._clear()
         return loss
 
-    def _new_factors(self) -> dict[int, dict[str, tuple[torch.Tensor, float]]] | None:
+    def _statistics_scale(self, grads: list[torch.Tensor]) -> float:
+        """The loss scale the recorded output gradients carry; unscales ``grads`` in place when
+        ``GradScaler.step`` handed its scale over (``grad_scale``) instead of unscaling them."""
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            scale = float(grad_scale)
+            if grads and scale != 1.0:
+                torch._foreach_mul_(grads, 1.0 / scale)
+            return scale
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            return float(self.grad_scaler.get_scale())
+        if hasattr(self, "found_inf") and self._pending:
+            # GradScaler.step after the user's scaler.unscale_(optimizer): the gradients are unscaled,
+            # the recorded statistics are not, and nothing tells their scale
+            raise OptionError("KFAC: scaler.unscale_(optimizer) was called before scaler.step(optimizer), so "
+                              "the curvature statistics' loss scale is unknown; pass the scaler as "
+                              "KFAC(..., grad_scaler=scaler)")
+        return 1.0
+
+    def _new_factors(self, stats_scale: float = 1.0) -> dict[int, dict[str, tuple[torch.Tensor, float]]] | None:
         """``id(weight) -> {"A": (sum, divisor), "G": (sum, divisor)}`` of this step's statistics
-        (the factor is ``sum / divisor``; G's divisor folds in the GradScaler's scale), or None
-        if one is not finite."""
+        (the factor is ``sum / divisor``; G's divisor folds in the loss scale ``stats_scale`` of a
+        GradScaler), or None if one is not finite."""
         new = {}
         for key, stats in self._pending.items():
             if stats["G"] is None or stats["a_count"] == 0:
-                continue  # a forward without a backward through this layer
+                continue  # an mc_backward without the backward that takes the inputs
             g_divisor = stats["g_count"] / stats["g_calls"] / stats["g_samples"]  # draws per call / samples
-            if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-                g_divisor *= float(self.grad_scaler.get_scale()) ** 2
+            g_divisor *= stats_scale**2
             new[key] = {"A": (stats["A"], float(stats["a_count"])), "G": (stats["G"], g_divisor)}
         if new and not _all_finite([total for factors in new.values() for total, _ in factors.values()]):
             warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
@@ -359,11 +508,12 @@ class KFAC(Optimizer):
                 for name in ("A", "G"):
                     lam, Q = torch.linalg.eigh(state[name])
                     state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
-            gw = _decayed(gw, p, wd)
+            dtype = state["A"].dtype  # float32 for half-precision layers: the update is computed in it
+            gw = _decayed(gw, p, wd).to(dtype)
             gw = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
             gb = None
             if bias is not None:
-                gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd)
+                gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd).to(dtype)
             if group["factored_damping"]:
                 u_w, u_b = factored_product(state["inv_G"], gw, gb, state["inv_A"])
             else:
@@ -371,11 +521,11 @@ class KFAC(Optimizer):
                 R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, False)
                 u_w, u_b = (R, None) if gb is None else (R[:, :d_w], R[:, d_w])
             params.append(p)
-            steps.append(u_w.view_as(p))
+            steps.append(u_w.view_as(p).to(p.dtype))
             states.append(state)
             if u_b is not None and bias.grad is not None:  # a bias without a gradient stays put
                 params.append(bias)
-                steps.append(u_b)
+                steps.append(u_b.to(bias.dtype))
                 states.append(bias_state)
             if kl:  # update . grad of the whole layer
                 dots.append(torch.vdot(u_w.reshape(-1), gw.reshape(-1)))
@@ -386,14 +536,14 @@ class KFAC(Optimizer):
         extra += [(p, _decayed(p.grad, p, wd), p.grad) for p in plain]
         for p, u, _ in extra:
             params.append(p)
-            steps.append(u)
+            steps.append(u.to(p.dtype))
             states.append(self.state[p])
         if not params:
             return
         scale = 1.0
         if kl:
-            dots += [torch.vdot(u.reshape(-1), g.reshape(-1)) for _, u, g in extra]
-            vg = float(torch.stack(dots).sum()) * lr**2
+            dots += [torch.vdot(u.reshape(-1).float(), g.reshape(-1).float()) for _, u, g in extra]
+            vg = float(torch.stack([d.to(torch.float64) for d in dots]).sum()) * lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
         if group["momentum"]:  # buf = momentum * buf + scale * u, batched over the group's tensors
@@ -428,11 +578,16 @@ class KFAC(Optimizer):
         for p in params:
             state = self.state[p]
             step = state.get("step", 0)
+            grad = _decayed(p.grad, p, wd).to(statistics_dtype(p.dtype))  # float32 for half precision
             if step % group["factor_every"] == 0:
                 n = self._diag_counts.get(id(p), (fallback, ""))[0]
-                D = p.grad.square() * n
+                D = p.grad.to(grad.dtype).square() * n
                 state["diag"] = D if "diag" not in state else decay * state["diag"] + (1 - decay) * D
             state["step"] = step + 1
-            grad = _decayed(p.grad, p, wd)
             out.append((p, grad / (state["diag"] + group["damping"]), grad))
         return out
+
+
+def _remove_hooks(hooks: tuple) -> None:
+    for h in hooks:
+        h.remove()
