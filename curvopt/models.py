@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -143,11 +144,12 @@ def lstm(length: int = 40, classes: int = 10, *, patch: int = 4, hidden: int = 3
 
     The signal is read as ``length // patch`` time steps of ``patch`` features (as in
     :func:`transformer`), run through one ``nn.LSTM(patch, hidden, batch_first=True)``, and the
-    output of the last step is classified by a Linear layer.
+    output of the last step is classified by a Linear layer. Submodules ``patches``, ``lstm``,
+    ``last``, ``head``.
 
     Raises:
         ShapeError: ``length`` is not a multiple of ``patch``.
     """
     _tokens(length, patch, "lstm")
-    return nn.Sequential(Patches(length, patch), nn.LSTM(patch, hidden, batch_first=True), LastState(),
-                         nn.Linear(hidden, classes))
+    return nn.Sequential(OrderedDict(patches=Patches(length, patch), lstm=nn.LSTM(patch, hidden, batch_first=True),
+                                     last=LastState(), head=nn.Linear(hidden, classes)))

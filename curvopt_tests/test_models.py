@@ -45,7 +45,7 @@ def test_transformer_shapes_and_counts(patch, heads, head_dim, layers, ff, class
 def test_lstm_shapes_and_count():
     torch.manual_seed(0)
     model = lstm()
-    rnn = model[1]
+    rnn = model.lstm
     assert isinstance(rnn, nn.LSTM) and rnn.input_size == 4 and rnn.hidden_size == 32 and rnn.batch_first
     assert sum(p.numel() for p in model.parameters()) == 4 * (32 * 4 + 32 * 32 + 2 * 32) + 32 * 10 + 10
     x = torch.randn(6, 40)
@@ -60,7 +60,7 @@ def test_lstm_reads_patches_in_order():
     model = lstm(8, 2, patch=2, hidden=3)
     x = torch.randn(1, 8)
     seq = x.view(1, 4, 2)
-    expected = model[3](model[1](seq)[0][:, -1])
+    expected = model.head(model.lstm(seq)[0][:, -1])
     torch.testing.assert_close(model(x), expected)
 
 
