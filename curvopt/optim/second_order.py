@@ -19,6 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from curvopt.curvature.graph_hessian import GraphHessian
+from curvopt.curvature.model_state import curvature_pass
 from curvopt.curvature.registry import available_curvatures, check_options, curvature, curvature_class
 from curvopt.errors import ClosureError, UnknownCurvatureError
 from curvopt.optim.closure import BatchClosure
@@ -66,6 +67,17 @@ def _graph_alive(loss: torch.Tensor, params: list[torch.Tensor]) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _loss_value(loss: Any) -> float:
+    """The closure's loss as a float; a tensor or a number, anything else is a :class:`ClosureError`."""
+    try:
+        return float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+    except (TypeError, ValueError, RuntimeError):
+        raise ClosureError(
+            f"the closure returned {type(loss).__name__} {loss!r:.60}; it must return the loss (a scalar "
+            "tensor, or a number), e.g. `loss = loss_fn(model(X), y); loss.backward(create_graph=True); "
+            "return loss`") from None
 
 
 def _check(ok: bool, message: str) -> None:
@@ -125,7 +137,7 @@ class SecondOrderOptimizer(Optimizer, ABC):
             else:
                 loss = closure()
                 grads = tuple(p.grad for p in params)
-        value = float(loss.detach())
+        value = _loss_value(loss)
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         if not used:
             return value, None, []
@@ -139,12 +151,15 @@ class SecondOrderOptimizer(Optimizer, ABC):
         return value, [g for _, g in used], [p for p, _ in used]
 
     def _trial_loss(self, closure: Any) -> float:
-        """The loss at the current parameters (no gradient needed for batch closures)."""
+        """The loss at the current parameters (no gradient needed for batch closures). A batch closure's
+        trial point runs inside :func:`curvature_pass`: train-mode BatchNorm uses the batch statistics,
+        as the step's own loss did, without updating its running statistics at points that may be
+        rejected; dropout draws from a forked RNG."""
         if isinstance(closure, BatchClosure):
-            with torch.no_grad():
+            with torch.no_grad(), curvature_pass(closure.model):
                 return float(closure.loss())
         with torch.enable_grad():
-            return float(closure().detach())
+            return _loss_value(closure())
 
     def _curvature(self, closure: Any, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
                    step: int) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
