@@ -63,12 +63,12 @@ def _batch_dim(module: nn.Module) -> int:
     return 1 if getattr(module, "batch_first", True) is False else 0
 
 
-def _keep_dtype(value: Any, like: Any, device: torch.device) -> Any:
-    """``value`` (a tensor or a tuple of them) on ``device`` in the dtype of ``like``."""
-    if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor):
-        return value.to(device=device, dtype=like.dtype)
-    if isinstance(value, (tuple, list)) and isinstance(like, (tuple, list)):
-        return type(value)(_keep_dtype(v, w, device) for v, w in zip(value, like))
+def _on_device(value: Any, device: torch.device) -> Any:
+    """``value`` (a tensor or a tuple of them) moved to ``device``, in its own dtype."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_on_device(v, device) for v in value)
     return value
 
 
@@ -76,14 +76,14 @@ class _Application:
     """One application of a Kronecker layer in a forward pass, kept alive by its output's gradient
     hook only (and, for the latest forward pass of the layer, by the optimizer for
     :meth:`KFAC.mc_backward`): once the user drops an output that no backward pass reached, it is
-    freed with the graph."""
+    freed with the graph. It must not reference the output (the hook lives on the output's graph)."""
 
-    __slots__ = ("key", "module", "group", "bias", "x", "forward", "output", "taken", "__weakref__")
+    __slots__ = ("key", "module", "group", "bias", "x", "forward", "taken")
 
     def __init__(self, key: int, module: nn.Module, group: dict, bias: bool, x: torch.Tensor,
-                 forward: dict, output: torch.Tensor | None) -> None:
+                 forward: dict) -> None:
         self.key, self.module, self.group, self.bias = key, module, group, bias
-        self.x, self.forward, self.output = x, forward, output
+        self.x, self.forward = x, forward
         self.taken: dict | None = None  # the statistics its input went into
 
 
@@ -188,9 +188,9 @@ class KFAC(Optimizer):
         super().__init__(params, defaults)
         self._layers: dict[int, nn.Module] = {}  # id(weight) -> layer owning it
         self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
-        # id(weight) -> (forward id, forward info, applications) of the layer's latest forward pass,
-        # the one mc_backward may need; older applications live only as long as their graphs
-        self._latest: dict[int, tuple[int, dict, list[_Application]]] = {}
+        # id(weight) -> (forward id, forward info, applications, their outputs) of the layer's latest
+        # forward pass, the one mc_backward may need; older applications live only as long as their graphs
+        self._latest: dict[int, tuple[int, dict, list[_Application], list[torch.Tensor]]] = {}
         self._forward = {"depth": 0, "id": 0}  # nesting of module calls; id of the outermost call
         self._warned_diagonal = False
         self._diag_counts: dict[int, tuple[int, str]] = {}  # id(param) -> (samples, "Module.name")
@@ -245,12 +245,13 @@ class KFAC(Optimizer):
         fid = self._forward["id"]
         latest = self._latest.get(key)
         if latest is None or latest[0] != fid:  # the layer's first application in this forward pass
-            latest = self._latest[key] = (fid, {"n": x.shape[0], "rows": 0, "a_taken": None, "g_taken": None}, [])
-        forward, applications = latest[1], latest[2]
+            latest = self._latest[key] = (fid, {"n": x.shape[0], "rows": 0, "a_taken": None, "g_taken": None},
+                                          [], [])
+        forward = latest[1]
         forward["rows"] += self._rows(module, x, group)
-        app = _Application(key, module, group, module.bias is not None and id(module.bias) in owned, x, forward,
-                           output)
-        applications.append(app)
+        app = _Application(key, module, group, module.bias is not None and id(module.bias) in owned, x, forward)
+        latest[2].append(app)
+        latest[3].append(output)
         me = weakref.ref(self)
 
         def on_grad(grad: torch.Tensor) -> None:
@@ -319,7 +320,10 @@ class KFAC(Optimizer):
         x = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
         dim = _batch_dim(module)
         n = x.shape[dim] if x is not None and x.dim() > dim else 1
-        for name, p in module._parameters.items():
+        # attention applies out_proj's weight itself: out_proj's forward (and its hook) never runs
+        params = (module.named_parameters() if isinstance(module, nn.MultiheadAttention)
+                  else module._parameters.items())
+        for name, p in params:
             if p is not None and id(p) in owned:
                 seen, _ = self._diag_counts.get(id(p), (0, ""))
                 self._diag_counts[id(p)] = (seen + n, f"{type(module).__name__}.{name}")
@@ -335,7 +339,7 @@ class KFAC(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for index, p in zip(indices, params):
             for k, v in saved.get(index, {}).items():
-                self.state[p][k] = _keep_dtype(self.state[p][k], v, p.device)
+                self.state[p][k] = _on_device(v, p.device)
         self._plans.clear()
 
     def close(self) -> None:
@@ -372,7 +376,7 @@ class KFAC(Optimizer):
         untouched.
         """
         spec = loss_spec(loss_fn, "KFAC.mc_backward")
-        records = [app for _, _, apps in self._latest.values() for app in apps if app.output is not None]
+        records = [(app, out) for _, _, apps, outs in self._latest.values() for app, out in zip(apps, outs)]
         if not records:
             if self._mc.get("forward"):
                 return  # no layer updates its factors at this step (factor_every)
@@ -382,9 +386,9 @@ class KFAC(Optimizer):
             U = spec.sampled_gradients(outputs.detach(), samples, generator) * spec.scale(outputs.detach())
         self._mc["step"] = True  # the output hooks stand aside for this step
         # all draws in one batched backward, to the recorded layer outputs only
-        grads = torch.autograd.grad(outputs, [app.output for app in records], U, retain_graph=True,
+        grads = torch.autograd.grad(outputs, [out for _, out in records], U, retain_graph=True,
                                     allow_unused=True, is_grads_batched=True)
-        for app, g in zip(records, grads):
+        for (app, _), g in zip(records, grads):
             if g is not None:  # None: an output of another forward pass than ``outputs``'
                 self._take(app, g)
 
