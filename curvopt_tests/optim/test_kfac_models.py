@@ -7,10 +7,12 @@ import io
 import warnings
 import weakref
 
+import pytest
 import torch
 from torch import nn
 
 import curvopt
+from curvopt.errors import OptionError
 
 
 def _mlp(d_in=6, hidden=8, classes=3):
@@ -215,3 +217,30 @@ def test_transformer_trains_with_attention_in_diagonal_blocks():
     assert any("MultiheadAttention.out_proj.weight (8, 8)" in str(w.message) for w in caught)
     assert "A" in opt.state[layer.linear1.weight] and "diag" in opt.state[layer.self_attn.out_proj.weight]
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_unscale_before_scaler_step_needs_the_grad_scaler_option():
+    """After ``scaler.unscale_(optimizer)`` the gradients are unscaled but the recorded statistics are not,
+    and GradScaler.step no longer says by how much: an error naming the fix, not a silently wrong G."""
+    torch.manual_seed(0)
+    model = _mlp()
+    reference = copy.deepcopy(model)
+    (X, y), = _batches(1)
+    for grad_scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        scaler = grad_scaler or torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        m = copy.deepcopy(reference)
+        opt = curvopt.KFAC(m.parameters(), grad_scaler=grad_scaler)
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(m(X), y)).backward()
+        scaler.unscale_(opt)
+        if grad_scaler is None:
+            with pytest.raises(OptionError, match="grad_scaler=scaler"):
+                scaler.step(opt)
+        else:
+            scaler.step(opt)
+            plain = curvopt.KFAC(reference.parameters())
+            plain.zero_grad()
+            nn.functional.cross_entropy(reference(X), y).backward()
+            plain.step()
+            torch.testing.assert_close(opt.state[m[0].weight]["G"], plain.state[reference[0].weight]["G"],
+                                       rtol=1e-4, atol=1e-8)
