@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
-from curvopt.curvature.data_loop import accumulate
+from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.registry import register_curvature
 from curvopt.errors import MissingDependencyError, OptionError, UnsupportedModuleError
 
@@ -76,8 +76,8 @@ class BackpackOperator(CurvatureOperator):
 
         def product(index: int, X: Any, y: torch.Tensor):
             X, y = self._to_model(X), self._to_model(y)
-            with torch.random.fork_rng(devices=[]), backpack(self._extension(index)):
-                torch.manual_seed(getattr(self, "seed", 0) * 1_000_003 + index)
+            with curvature_pass(model), backpack(self._extension(index)):
+                seed_batch(index, getattr(self, "seed", 0))  # one dropout mask per batch, user's RNG kept
                 loss = loss_fn(model(X), y)
                 loss.backward()
             parts = []
@@ -90,8 +90,7 @@ class BackpackOperator(CurvatureOperator):
             return loss.detach(), [t.detach() for t in parts]
 
         try:
-            flat = accumulate(product, self.data, reduction=self.reduction, process_group=self.process_group,
-                              progress=self.progress)
+            flat = self._accumulate(product, self.data)
         except NotImplementedError as e:  # BackPACK has no rule for some module
             raise UnsupportedModuleError(
                 f"{self.name}: BackPACK cannot compute {self.extension} here ({e}); the native backends "
