@@ -47,7 +47,7 @@ class BackpackOperator(CurvatureOperator):
         import_backpack()
         super().__init__(model, loss_fn, data, **options)
         self._results: list[list[torch.Tensor]] | None = None
-        self._results_versions: tuple[int, ...] | None = None
+        self._results_versions: Any = None
 
     def _extension(self, index: int):
         import backpack.extensions as extensions
@@ -56,10 +56,10 @@ class BackpackOperator(CurvatureOperator):
 
     def quantities(self) -> list[list[torch.Tensor]]:
         """Per parameter: ``[diagonal]`` or the Kronecker factors ``[G, A]`` (weights) / ``[G]`` (biases)."""
-        versions = self._versions()
-        if self._results is None or self._results_versions != versions:
+        if self._results is None or not self._results_versions.matches(self._params):
+            snapshot = self._versions()
             self._results = self._compute()
-            self._results_versions = versions
+            self._results_versions = snapshot
         return self._results
 
     def _compute(self) -> list[list[torch.Tensor]]:

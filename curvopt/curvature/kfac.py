@@ -347,10 +347,11 @@ class KFACOperator(CurvatureOperator):
     # ------------------------------------------------------------------ factors
     def factors(self) -> list[KroneckerBlock]:
         """The layers with their current ``A`` and ``G`` (recomputed when parameters changed)."""
-        versions = self._versions()
-        if self._factor_versions is None or self._factor_versions != versions:
+        # compared against the saved values, no copy per product; a copy only when factors are rebuilt
+        if self._factor_versions is None or not self._factor_versions.matches(self._params):
+            snapshot = self._versions()
             self._compute_factors()
-            self._factor_versions = versions
+            self._factor_versions = snapshot
         return self.layers
 
     def _compute_factors(self) -> None:
