@@ -56,6 +56,7 @@ class BackpackOperator(CurvatureOperator):
 
     def quantities(self) -> list[list[torch.Tensor]]:
         """Per parameter: ``[diagonal]`` or the Kronecker factors ``[G, A]`` (weights) / ``[G]`` (biases)."""
+        self._follow_parameters()
         if self._results is None or not self._results_versions.matches(self._params):
             snapshot = self._versions()
             self._results = self._compute()

@@ -30,7 +30,7 @@ from curvopt.curvature.params import (
     select_parameters,
 )
 from curvopt.curvature.solve import KRYLOV_METHODS, krylov_solve
-from curvopt.errors import DenseSizeError, EmptyDataError, OptionError, ShapeError
+from curvopt.errors import DenseSizeError, EmptyDataError, OptionError, ParameterError, ShapeError
 
 TensorList = list[torch.Tensor]
 
@@ -151,7 +151,7 @@ class CurvatureOperator(ABC):
 
     def _batch_weight(self, X: Any, y: Any, n: int) -> int:
         """Loss terms of a batch (its counted targets): batches are weighted by them."""
-        return loss_terms(self.loss_fn, y, n)
+        return loss_terms(self.loss_fn, y, n, self.reduction)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -307,8 +307,29 @@ class CurvatureOperator(ABC):
         return [t.to(device=self.device, dtype=self.dtype) for t in x]
 
     # ------------------------------------------------------------------ the data pass
+    def _follow_parameters(self) -> None:
+        """Rebind to the model's current parameter tensors: a parameter replaced by a new tensor since
+        the operator was built (``module.weight = nn.Parameter(...)``) is followed by name, so the
+        operator never computes at stale values.
+
+        Raises:
+            ParameterError: when a selected parameter is gone or has changed shape (``P`` would change).
+        """
+        current = dict(self.model.named_parameters())
+        for i, name in enumerate(self.param_names):
+            p = current.get(name)
+            if p is self._params[i]:
+                continue
+            if p is None or p.shape != self._params[i].shape:
+                raise ParameterError(
+                    f"{type(self).__name__}: the model's parameter {name!r} was "
+                    f"{'removed' if p is None else f'replaced by one of shape {tuple(p.shape)}'} since the "
+                    "operator was built; build a new operator for the new model")
+            self._params[i] = p
+
     def _matmat_list(self, V: TensorList) -> TensorList:
         """Products with ``k`` columns given as ``[k, *shape_i]`` per parameter."""
+        self._follow_parameters()
         with curvature_pass(self.model):
             return self._matmat_pass(V)
 

@@ -17,7 +17,7 @@ from curvopt.errors import EmptyDataError, NonFiniteLossError
 
 Batch = tuple[Any, torch.Tensor]
 BatchProduct = Callable[[int, Any, torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]
-BatchWeight = Callable[[Any, torch.Tensor, int], int]
+BatchWeight = Callable[[Any, torch.Tensor, int], float]
 
 
 def is_single_batch(data: Any) -> bool:
@@ -178,7 +178,8 @@ def _all_reduce(
     count = torch.tensor([float(n_samples)], dtype=total[0].dtype, device=total[0].device)
     flat = torch.cat([t.reshape(-1) for t in total] + [count])
     dist.all_reduce(flat, group=group)
-    n_samples = int(round(float(flat[-1])))
+    total_weight = float(flat[-1])  # a sample count, or a sum of class weights
+    n_samples = int(round(total_weight)) if float(total_weight).is_integer() else total_weight
     out, offset = [], 0
     for t in total:
         out.append(flat[offset : offset + t.numel()].view_as(t))

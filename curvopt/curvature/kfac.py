@@ -36,7 +36,7 @@ from curvopt.curvature.losses import LossSpec, loss_spec
 from curvopt.curvature.model_state import curvature_pass
 from curvopt.curvature.registry import register_curvature
 from curvopt.curvature.solve import KRYLOV_METHODS
-from curvopt.errors import OptionError, ParameterError, UnsupportedModuleError
+from curvopt.errors import OptionError, ParameterError, ShapeError, UnsupportedModuleError
 
 FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
@@ -279,7 +279,8 @@ class KFACOperator(CurvatureOperator):
       ``nn.Linear`` whose forward never runs (attention applies its weight functionally).
     * ``nn.RNN``/``LSTM``/``GRU``, norm layers, embeddings, any other parameter, and a Kronecker
       layer whose forward hook never fired in a pass (e.g. a ``Linear`` applied through
-      ``F.linear(x, layer.weight)``): diagonal blocks, the exact diagonal of the same Fisher
+      ``F.linear(x, layer.weight)``), or whose weight is tied to another module (an output layer
+      sharing an embedding's weight): diagonal blocks, the exact diagonal of the same Fisher
       type, from per-sample output vectors backpropagated through one forward pass of the
       batch (reverse mode only, any batch layout). One warning names these parameters.
     * ``BatchNorm`` normalizing with batch statistics (training mode): refused with
@@ -322,14 +323,22 @@ class KFACOperator(CurvatureOperator):
 
     # ------------------------------------------------------------------ structure
     def _find_layers(self) -> tuple[list[KroneckerBlock], list[int]]:
-        position = {n: i for i, n in enumerate(self.param_names)}
+        # by identity, not by name: a tied parameter is named after its first owner only
+        position = {id(p): i for i, p in enumerate(self._params)}
+        owners: dict[int, int] = {}
+        for module in self.model.modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    owners[id(p)] = owners.get(id(p), 0) + 1
         functional = functional_linears(self.model)
         layers, owned = [], set()
         for mname, module in self.model.named_modules():
             if not kronecker_structured(module) or id(module) in functional:
                 continue
-            prefix = f"{mname}." if mname else ""
-            w, b = position.get(prefix + "weight"), position.get(prefix + "bias")
+            if any(owners.get(id(t), 0) > 1 for t in (module.weight, module.bias) if t is not None):
+                continue  # tied to another module (e.g. an embedding): exact diagonal blocks instead
+            w = position.get(id(module.weight))
+            b = position.get(id(module.bias)) if module.bias is not None else None
             if w is None:
                 if b is not None:
                     raise ParameterError(
@@ -347,6 +356,7 @@ class KFACOperator(CurvatureOperator):
     # ------------------------------------------------------------------ factors
     def factors(self) -> list[KroneckerBlock]:
         """The layers with their current ``A`` and ``G`` (recomputed when parameters changed)."""
+        self._follow_parameters()
         # compared against the saved values, no copy per product; a copy only when factors are rebuilt
         if self._factor_versions is None or not self._factor_versions.matches(self._params):
             snapshot = self._versions()
@@ -408,7 +418,11 @@ class KFACOperator(CurvatureOperator):
             for h in hooks:
                 h.remove()
         if out.dim() != 2:
-            raise ParameterError(f"kfac needs network outputs of shape [N, C], got {tuple(out.shape)}")
+            raise ShapeError(
+                f"kfac needs network outputs of shape [N, C], got {tuple(out.shape)} on batch {index}: "
+                "per-position outputs ([N, C, T], e.g. a language model) would need one backward pass per position for its "
+                "factors; use 'ggn' or 'fisher' (exact on any output shape), or the KFAC optimizer, which takes "
+                "its statistics from the training loss's own backward pass")
         dtype = statistics_dtype(out.dtype)
         detached = out.detach()
         loss = self.loss_fn(detached, y)
@@ -531,6 +545,11 @@ class KFACOperator(CurvatureOperator):
         self, B: torch.Tensor, damping: float, method: str, rtol: float, max_iter: int | None
     ) -> torch.Tensor:
         if method == "kronecker":  # exact, through the factors' eigendecompositions
+            if damping <= 0:
+                raise OptionError(
+                    f"KFACOperator.solve: method='kronecker' needs damping > 0 (Kronecker factors are often "
+                    f"singular), got damping={damping!r}; pass e.g. damping=1e-3, or method='minres' for the "
+                    "undamped least-squares solution")
             return self.inverse_matmat(B, damping)
         return super()._solve_columns(B, damping, method, rtol, max_iter)
 
@@ -544,7 +563,7 @@ class KFACOperator(CurvatureOperator):
         ``pi = sqrt((tr A / dim A) / (tr G / dim G))``.
         """
         if damping <= 0:
-            raise OptionError(f"damping must be positive, got {damping!r}")
+            raise OptionError(f"KFACOperator.inverse_matmat: damping must be positive, got {damping!r}")
         vector = V.dim() == 1
         Vm = (V.unsqueeze(1) if vector else V).to(dtype=self.statistics_dtype, device=self.device)
         parts = self.unflatten(Vm.T)

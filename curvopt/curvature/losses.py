@@ -240,21 +240,39 @@ def detect_reduction(loss_fn: Any, out: torch.Tensor, y: Any) -> str:
                                f"{once}; {fix}")
 
 
-def loss_terms(loss_fn: Any, y: Any, n: int) -> int:
-    """How many terms a batch with targets ``y`` and ``n`` samples adds to a ``"mean"`` loss:
-    the counted targets for cross entropy with class indices (those not ``ignore_index``, over
-    every position of ``[N, *]`` targets), the target entries for cross entropy with class
+def loss_terms(loss_fn: Any, y: Any, n: int, reduction: str = "mean") -> float:
+    """How much a batch with targets ``y`` and ``n`` samples weighs in a ``"mean"`` loss over several
+    batches: what torch's mean divides by. The counted targets for cross entropy and NLL with class
+    indices (those not ``ignore_index``, over every position of ``[N, *]`` targets; with a class
+    ``weight``, the sum of their weights), the target entries for cross entropy with class
     probabilities (per class vector), MSE and BCE, ``n`` samples for any other loss. Batches are
-    weighted by it, so that the risk is the loss torch computes over all batches together."""
-    loss_fn = next((m() for f, m in FUNCTIONAL_LOSSES.items() if loss_fn is f), loss_fn)
+    weighted by it, so that the risk is the loss torch computes over all batches together.
+
+    Raises:
+        UnsupportedLossError: for a mean-reduced loss of curvopt's unknown kind whose integer targets
+            hold negative class indices (padding): whether it averages over all samples or over the
+            counted ones cannot be told, and either guess can be wrong.
+    """
+    known = {**FUNCTIONAL_LOSSES, F.nll_loss: nn.NLLLoss}
+    loss_fn = next((m() for f, m in known.items() if loss_fn is f), loss_fn)
     if not isinstance(y, torch.Tensor):
         return n
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
+    if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         if y.dtype.is_floating_point:
             return y.numel() // y.shape[1] if y.dim() > 1 else 1
-        return int((y != loss_fn.ignore_index).sum())
+        counted = y != loss_fn.ignore_index
+        if loss_fn.weight is None:
+            return int(counted.sum())
+        return float(loss_fn.weight.to(y.device)[y[counted]].sum())
     if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
         return y.numel()
+    if reduction == "mean" and not (y.dtype.is_floating_point or y.dtype == torch.bool) and bool((y < 0).any()):
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise UnsupportedLossError(
+            f"the targets hold negative class indices (padding such as -100), and curvopt cannot tell whether "
+            f"the loss {name} averages over all samples or over the counted targets only, which weighs the "
+            "batches differently; pass torch.nn.CrossEntropyLoss(ignore_index=...) or torch.nn.NLLLoss (or "
+            "F.cross_entropy / F.nll_loss themselves), whose weighting curvopt knows")
     return n
 
 

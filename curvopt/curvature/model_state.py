@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,3 +100,18 @@ def seed_batch(index: int, seed: int = 0) -> None:
     :func:`curvature_pass` draws the same dropout masks, so an operator is one fixed matrix.
     Call it at the start of each forward pass, inside :func:`curvature_pass` only."""
     torch.manual_seed(MASK_SEED + 1_000_003 * int(seed) + int(index))
+
+
+def rng_states(model: nn.Module) -> list[torch.Tensor]:
+    """The states of the generators a forward pass of ``model`` may draw from (CPU and the model's
+    CUDA devices): compared before and after a pass, they tell whether the model is stochastic."""
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in _devices(model))]
+
+
+def draws_random_numbers(model: nn.Module, forward: Any) -> bool:
+    """Whether ``forward()`` (a pass of ``model``, run here without gradients) draws random numbers,
+    e.g. dropout in training mode, also when called functionally. Run inside :func:`curvature_pass`."""
+    before = rng_states(model)
+    with torch.no_grad():
+        forward()
+    return any(not torch.equal(a, b) for a, b in zip(before, rng_states(model)))

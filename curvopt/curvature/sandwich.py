@@ -17,6 +17,7 @@ from torch.func import jvp, linearize, vjp
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
 from curvopt.curvature.losses import LossSpec, loss_spec
+from curvopt.curvature.model_state import draws_random_numbers, seed_batch
 
 
 @dataclass
@@ -51,8 +52,12 @@ class JacobianSandwich(CurvatureOperator):
     tangent). Where the model has an operation without a forward-mode derivative (float32 LSTM/GRU
     on CPU, some fused kernels), the operator switches once, at the first product that meets it,
     to reverse mode (``J v`` as the vector-Jacobian product of the linear map ``u -> J^T u``): the
-    same numbers, about one more backward pass per product. ``op.jacobian_mode`` (also in the
-    operator's ``repr``) says which is in use.
+    same numbers, about one more backward pass per product. A model that draws random numbers in
+    its forward pass (dropout in training mode) uses reverse mode too, found by one probe forward
+    at the first product: then every pass runs one forward per batch, so all products see the same
+    masks (PyTorch's attention consumes the random stream differently inside ``torch.func``
+    transforms than outside, so seeding alone would not make forward-mode products agree).
+    ``op.jacobian_mode`` (also in the operator's ``repr``) says which is in use.
     """
 
     cache_modes = (False, True, "linearize")
@@ -63,6 +68,7 @@ class JacobianSandwich(CurvatureOperator):
         #: ``"forward"`` or ``"reverse"``: how ``J v`` is computed (see the class docstring).
         self.jacobian_mode = "forward"
         self._forward_checked = False
+        self._stochastic: bool | None = None
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"jacobian_mode": self.jacobian_mode}
@@ -72,7 +78,17 @@ class JacobianSandwich(CurvatureOperator):
             raise error
         self.jacobian_mode = "reverse"
 
+    def _check_randomness(self, index: int, X: Any) -> None:
+        """Once per operator: a stochastic forward pass (train-mode dropout) switches to reverse mode,
+        where each batch's pass runs a single forward (see the class docstring)."""
+        if self._stochastic is None:
+            seed_batch(index, getattr(self, "seed", 0))
+            self._stochastic = draws_random_numbers(self.model, lambda: self._forward(self._primal(), X))
+            if self._stochastic:
+                self.jacobian_mode = "reverse"
+
     def _batch_context(self, index: int, X: Any, y: torch.Tensor) -> SandwichContext:
+        self._check_randomness(index, X)
         primal = self._primal()
 
         def net(*p: torch.Tensor) -> torch.Tensor:
@@ -123,6 +139,7 @@ class JacobianSandwich(CurvatureOperator):
     ) -> tuple[torch.Tensor, TensorList] | None:
         # One forward pass carries J v as a forward-mode tangent and records the graph
         # that the backward pass then uses: no second forward, as jvp + vjp would need.
+        self._check_randomness(index, X)
         if self.jacobian_mode != "forward":
             return None  # context + matvec, in reverse mode
         primal = [p.detach().requires_grad_() for p in self._params]

@@ -9,6 +9,7 @@ for a step, and accepts it or restores the parameters bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from abc import ABC, abstractmethod
@@ -130,7 +131,7 @@ class SecondOrderOptimizer(Optimizer, ABC):
     def _loss_and_grad(self, closure: Any, params: list[torch.Tensor]
                        ) -> tuple[float, list[torch.Tensor] | None, list[torch.Tensor]]:
         """``(loss, gradients, parameters that have one)``; gradients keep a graph for plain closures."""
-        with torch.enable_grad():
+        with torch.enable_grad(), self._same_randomness(params):
             if isinstance(closure, BatchClosure):
                 loss = closure.loss()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -155,11 +156,21 @@ class SecondOrderOptimizer(Optimizer, ABC):
         trial point runs inside :func:`curvature_pass`: train-mode BatchNorm uses the batch statistics,
         as the step's own loss did, without updating its running statistics at points that may be
         rejected; dropout draws from a forked RNG."""
+        params = [p for g in self.param_groups for p in g["params"]]
         if isinstance(closure, BatchClosure):
-            with torch.no_grad(), curvature_pass(closure.model):
+            with torch.no_grad(), curvature_pass(closure.model), self._same_randomness(params):
                 return float(closure.loss())
-        with torch.enable_grad():
+        with torch.enable_grad(), self._same_randomness(params):
             return _loss_value(closure())
+
+    @contextlib.contextmanager
+    def _same_randomness(self, params: list[torch.Tensor]) -> Any:
+        """The global generators forked and seeded with this step's seed: the step's loss, gradient
+        and trial points see the same dropout masks, and the user's random stream is not advanced."""
+        devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(getattr(self, "_step_seed", 0))
+            yield
 
     def _curvature(self, closure: Any, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor],
                    step: int) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
@@ -228,6 +239,9 @@ class SecondOrderOptimizer(Optimizer, ABC):
         active = self._active(group)
         if not active:
             return StepStats(loss=float("nan"), stop_reason="no_trainable_parameters")
+        # every evaluation of this step (loss and gradient, trial points) draws the same random numbers
+        # (dropout masks), so that the ratio tests and line searches compare like with like
+        self._step_seed = int(group["seed"]) * 1_000_003 + step
         loss, grads, params = self._loss_and_grad(closure, active)
         stats = StepStats(loss=loss, regularization=state[self._regularization_key])
         if grads is None:

@@ -400,8 +400,8 @@ def test_fisher_ignores_padding():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 3)).double()
     X, y = torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 3, (6,))
-    padded = [(torch.cat([X[:3], torch.randn(2, 2, dtype=torch.float64)]), torch.cat([y[:3], y.new_full((2,), -100)])),
-              (X[3:], y[3:])]
+    noise = torch.randn(2, 2, dtype=torch.float64)
+    padded = [(torch.cat([X[:3], noise]), torch.cat([y[:3], y.new_full((2,), -100)])), (X[3:], y[3:])]
     plain = [(X[:3], y[:3]), (X[3:], y[3:])]
     for name in ("fisher", "ggn", "empirical_fisher", "hessian"):
         _close(curvopt.curvature(name, model, nn.CrossEntropyLoss(), padded).to_dense(),
@@ -448,8 +448,8 @@ def _changes(model, optimizer):
         "vector_to_parameters": lambda: torch.nn.utils.vector_to_parameters(new, model.parameters()),
         "load_state_dict": lambda: model.load_state_dict(state),
         "no_grad_inplace": lambda: torch.no_grad()(lambda: p.mul_(0.7))(),
-        "optimizer": lambda: (optimizer.zero_grad(), model(torch.randn(3, 2, dtype=torch.float64)).sum().backward(),
-                              optimizer.step()),
+        "optimizer": lambda: (optimizer.zero_grad(),
+                              model(torch.randn(3, 2, dtype=torch.float64)).sum().backward(), optimizer.step()),
     }
 
 
@@ -494,3 +494,97 @@ def test_closure_returning_a_float_works_or_says_what_is_wrong():
     assert isinstance(opt.step(closure), float)
     with pytest.raises(curvopt.errors.ClosureError, match="returned NoneType"):
         opt.step(lambda: None)
+
+
+def test_attention_dropout_batch_first_gives_one_matrix():
+    """nn.MultiheadAttention(batch_first=True) with dropout draws its random numbers differently inside
+    torch.func transforms than outside: a stochastic model runs one forward per batch and pass
+    (reverse-mode J v), so the columns of op @ V equal single products and the matrix is symmetric."""
+    torch.manual_seed(0)
+    model = Encoder(dropout=0.1).double().train()
+    model.block = nn.TransformerEncoderLayer(2, 2, 3, batch_first=True).double()
+    batches = _data(3, 3, 3, 0)
+    for name in ("ggn", "fisher", "empirical_fisher", "hessian"):
+        op = curvopt.curvature(name, model, nn.CrossEntropyLoss(), batches)
+        V = torch.randn(op.shape[0], 3, dtype=torch.float64)
+        _close(op @ V, torch.stack([op @ V[:, j] for j in range(3)], 1))
+        D = op.to_dense()
+        _close(D, D.T)
+        if name != "hessian":
+            assert op.jacobian_mode == "reverse"
+    eval_op = curvopt.curvature("ggn", copy.deepcopy(model).eval(), nn.CrossEntropyLoss(), batches)
+    eval_op @ V[:, 0]
+    assert eval_op.jacobian_mode == "forward"  # a deterministic model keeps forward mode
+
+
+def test_newton_step_evaluations_share_dropout_masks():
+    """The step's loss, gradient and trial points see the same masks: a step of length ~0 has ratio ~1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    X, y = torch.randn(16, 2, dtype=torch.float64), torch.randint(0, 3, (16,))
+    opt = curvopt.TrustRegion(model.parameters(), curvature="ggn", radius=1e-9, damping=1e-3)
+    state = torch.get_rng_state()
+    opt.step(curvopt.batch_closure(model, nn.CrossEntropyLoss(), X, y))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert opt.stats.trial_loss == pytest.approx(opt.stats.loss, rel=1e-6)
+    assert opt.stats.ratio is None or opt.stats.ratio == pytest.approx(1.0, abs=1e-2)
+
+
+def test_hessian_weighs_batches_like_torch_for_weighted_and_nll_losses():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5), nn.LogSoftmax(-1)).double()
+    X = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randint(0, 5, (12,))
+    y[:2] = -100
+    y[7] = -100
+    batches = list(zip(X.split([4, 3, 5]), y.split([4, 3, 5])))
+    clean = [(Xb, yb.clamp(min=0)) for Xb, yb in batches]
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0], dtype=torch.float64)
+    for loss_fn, data in [(nn.NLLLoss(), batches), (nn.NLLLoss(weight=w), batches),
+                          (nn.CrossEntropyLoss(weight=w), clean), (F.nll_loss, batches)]:
+        _close(curvopt.curvature("hessian", model, loss_fn, data).to_dense(), dense_hessian(model, loss_fn, data))
+    with pytest.raises(UnsupportedLossError, match="negative class indices"):
+        curvopt.curvature("hessian", model, lambda o, t: F.nll_loss(o, t), batches).to_dense()
+
+
+def test_kfac_on_tied_embedding_and_solve_defaults():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(5, 3), nn.Linear(3, 5)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.emb(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Tied().double()
+    x, y = torch.randint(0, 5, (3, 4)), torch.randint(0, 5, (3,))
+    with pytest.warns(UserWarning, match="emb.weight, out.bias"):
+        op = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), (x, y))
+    # tied weight: exact diagonal blocks, i.e. the diagonal of the GGN
+    ggn = curvopt.curvature("ggn", model, nn.CrossEntropyLoss(), (x, y)).to_dense()
+    _close(op.to_dense(), torch.diag(ggn.diagonal()))
+    with pytest.raises(curvopt.errors.OptionError, match="method='kronecker' needs damping > 0.*minres"):
+        op.solve(torch.ones(op.shape[0], dtype=torch.float64))
+    sequence = curvopt.curvature("kfac", nn.Sequential(nn.Embedding(5, 3), nn.Linear(3, 5)).double(),
+                                 nn.CrossEntropyLoss(), (x, torch.randint(0, 5, (3, 4))))
+    with pytest.raises(curvopt.errors.ShapeError, match=r"\[N, C, T\].*'ggn'"):
+        sequence @ torch.zeros(sequence.shape[0], dtype=torch.float64)
+
+
+def test_operators_follow_a_replaced_parameter():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    X, y = torch.randn(5, 2, dtype=torch.float64), torch.randint(0, 2, (5,))
+    ops = [curvopt.curvature(n, model, nn.CrossEntropyLoss(), (X, y), cache=c)
+           for n, c in [("ggn", True), ("hessian", False), ("kfac", False)]]
+    v = torch.randn(ops[0].shape[0], dtype=torch.float64)
+    for op in ops:
+        op @ v
+    model[0].weight = nn.Parameter(torch.randn(3, 2, dtype=torch.float64))
+    for op in ops:
+        _close(op @ v, curvopt.curvature(op.name, model, nn.CrossEntropyLoss(), (X, y)) @ v)
+    model[0].weight = nn.Parameter(torch.randn(4, 2, dtype=torch.float64))
+    with pytest.raises(curvopt.errors.ParameterError, match="'0.weight' was replaced by one of shape"):
+        ops[0] @ v
