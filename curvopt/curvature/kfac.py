@@ -420,8 +420,8 @@ class KFACOperator(CurvatureOperator):
         if out.dim() != 2:
             raise ShapeError(
                 f"kfac needs network outputs of shape [N, C], got {tuple(out.shape)} on batch {index}: "
-                "per-position outputs ([N, C, T], e.g. a language model) would need one backward pass per position for its "
-                "factors; use 'ggn' or 'fisher' (exact on any output shape), or the KFAC optimizer, which takes "
+                "per-position outputs ([N, C, T], e.g. a language model) would need one backward pass per "
+                "position for its factors; use 'ggn' or 'fisher' (exact on any output shape), or the KFAC optimizer, which takes "
                 "its statistics from the training loss's own backward pass")
         dtype = statistics_dtype(out.dtype)
         detached = out.detach()
