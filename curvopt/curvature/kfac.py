@@ -421,8 +421,8 @@ class KFACOperator(CurvatureOperator):
             raise ShapeError(
                 f"kfac needs network outputs of shape [N, C], got {tuple(out.shape)} on batch {index}: "
                 "per-position outputs ([N, C, T], e.g. a language model) would need one backward pass per "
-                "position for its factors; use 'ggn' or 'fisher' (exact on any output shape), or the KFAC optimizer, which takes "
-                "its statistics from the training loss's own backward pass")
+                "position for its factors; use 'ggn' or 'fisher' (exact on any output shape), or the KFAC "
+                "optimizer, which takes its statistics from the training loss's own backward pass")
         dtype = statistics_dtype(out.dtype)
         detached = out.detach()
         loss = self.loss_fn(detached, y)
