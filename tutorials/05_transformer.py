@@ -46,10 +46,11 @@ def train(make_optimizer, epochs=3, seed=0):
 
 # %% [markdown]
 # ## K-FAC and Adam, the same number of steps
-# K-FAC preconditions the Linear layers (token embedding, feed-forward layers, attention
-# projections, classifier) with Kronecker-factored curvature; parameters without a
-# Kronecker structure (positional embedding, LayerNorms, and whatever else it names) get a
-# diagonal block, and `KFAC` says which in a one-time warning. Three epochs of single
+# K-FAC preconditions the Linear layers (token embedding, feed-forward layers, classifier)
+# with Kronecker-factored curvature. The attention projections (which
+# `nn.MultiheadAttention` applies functionally, not through their modules), the positional
+# embedding and the LayerNorms get diagonal blocks, and `KFAC` names them in a one-time
+# warning; `docs/support_matrix.rst` lists what each layer type gets. Three epochs of single
 # untuned runs, for illustration: `benchmarks/models.py` compares tuned runs.
 
 # %%
