@@ -17,7 +17,7 @@ On mnist1d read as a sequence (10 tokens of 4 features), for ``transformer()`` a
 
 The curvature is that of the model in eval mode (dropout off), after ``--pretrain`` epochs of Adam.
 Gradient-equivalents: seconds / seconds of one gradient over the same batches, both in this run.
-Usage: ``python benchmarks/models.py [--quick] [--rounds 5] [--configs 4] [--epochs 10]``
+Usage: ``python benchmarks/models.py [--quick] [--rounds 5] [--configs 6] [--epochs 10] [--parts abc]``
 """
 
 from __future__ import annotations
@@ -134,10 +134,10 @@ def grids(configs: int) -> dict[str, list[dict]]:
         return [math.sqrt(lo * hi)] if n == 1 else [lo * (hi / lo) ** (i / (n - 1)) for i in range(n)]
 
     n_lr = max(1, configs // 2)
-    kfac = [{"lr": lr, "damping": d} for lr in logspace(0.03, 0.3, n_lr) for d in (1e-3, 1e-2)][:configs]
+    kfac = [{"lr": lr, "damping": d} for lr in logspace(0.03, 1.0, n_lr) for d in (1e-3, 1e-2)][:configs]
     if len(kfac) < configs:  # odd budgets: one more learning rate at the larger damping
-        kfac += [{"lr": lr, "damping": 1e-2} for lr in logspace(0.03, 0.3, configs)][len(kfac):configs]
-    return {"KFAC": kfac, "Adam": [{"lr": lr} for lr in logspace(1e-3, 1e-2, configs)]}
+        kfac += [{"lr": lr, "damping": 1e-2} for lr in logspace(0.03, 1.0, configs)][len(kfac):configs]
+    return {"KFAC": kfac, "Adam": [{"lr": lr} for lr in logspace(1e-3, 3e-2, configs)]}
 
 
 def make_optimizer(name: str):
@@ -174,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--probes", type=int, default=30, help="products of the per-layer trace")
     parser.add_argument("--pretrain", type=int, default=2, help="Adam epochs before the curvature figures")
     parser.add_argument("--samples", type=int, default=10000, help="mnist1d size for the race (c)")
-    parser.add_argument("--configs", type=int, default=4, help="tuning budget: configurations per optimizer")
+    parser.add_argument("--configs", type=int, default=6, help="tuning budget: configurations per optimizer")
+    parser.add_argument("--parts", default="abc", help="which tables: a (products), b (spectral), c (race)")
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--targets", default="0.6,0.75")
     parser.add_argument("--threads", type=int, default=1,
@@ -207,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # K-FAC's diagonal-block notices, once per operator
-        for label, model_fn in MODELS.items():
+        for label, model_fn in MODELS.items() if set(args.parts) & set("ab") else ():
             torch.manual_seed(0)
             model = model_fn()
             pretrain(model, batches, args.pretrain)
@@ -234,6 +235,8 @@ def run(args: argparse.Namespace) -> dict:
                     print(f"| {r['backend']} | {r['eigenvalue']:.4g} | {r['eig_products']} | {r['eig_grads']:.1f} "
                           f"| {r['trace']:.4g} | {r['blocks']} | {r['trace_grads']:.1f} |")
 
+        if "c" not in args.parts:
+            return results
         data, val = split(args.samples)
         print(f"\n## (c) K-FAC against Adam: mnist1d {len(data.y_train)} train, {len(val[1])} validation, "
               f"{len(data.y_test)} test; batch 128, {args.epochs:g} epochs, {args.configs} configurations each\n")
@@ -241,7 +244,8 @@ def run(args: argparse.Namespace) -> dict:
             f"epochs (steps) to {t:.0%}" for t in targets) + " | final test | reached in grid |")
         print("|---|---|---|" + "---:|" * (len(targets) + 2))
         for label, model_fn in MODELS.items():
-            results[label]["race"] = race(model_fn, data, val, args.configs, args.epochs, targets, 128)
+            race_result = race(model_fn, data, val, args.configs, args.epochs, targets, 128)
+            results.setdefault(label, {})["race"] = race_result
             for name, r in results[label]["race"].items():
                 config = ", ".join(f"{k}={v:.3g}" for k, v in r["hp"].items())
                 reach = " | ".join(f"{cell(r['epochs_to'][t], '.2f')} ({cell(r['steps_to'][t], 'd')})"
