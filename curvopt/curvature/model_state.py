@@ -13,6 +13,9 @@ which makes the model twice differentiable with PyTorch's defaults and leaves no
   running statistics: the curvature is that of the batch loss the training step sees;
 * the global random number generators are forked: randomness inside the pass (dropout
   masks, which :func:`seed_batch` makes one per batch) does not advance the user's stream;
+  ``nn.Dropout`` layers get a contiguous input (``torch.func`` differentiates dropout on a
+  non-contiguous tensor wrongly in torch 2.13), so the mask is the same whether the pass runs
+  eagerly or under ``torch.func`` transforms;
 * buffers and the train/eval flags of every module are restored, bit for bit, on exit.
 """
 
@@ -64,6 +67,10 @@ def train_mode_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, _NormBase) and m.training and m.track_running_stats]
 
 
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:]) if args and isinstance(args[0], torch.Tensor) else args
+
+
 def stochastic_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the dropout layers that are active in the model's current mode."""
     return [(n, m) for n, m in model.named_modules()
@@ -81,10 +88,16 @@ def curvature_pass(model: nn.Module) -> Iterator[None]:
     norms = [m for _, m in train_mode_norms(model)]
     for m in norms:
         m.track_running_stats = False  # batch statistics, no update (see nn.BatchNorm's forward)
+    # torch.func's derivative of dropout applied to a non-contiguous tensor (the attention output of a
+    # batch_first transformer layer) disagrees with its own forward pass in torch 2.13; on a contiguous
+    # copy it is right, and eager and torch.func passes then draw the same mask
+    hooks = [m.register_forward_pre_hook(_contiguous_input) for _, m in stochastic_modules(model)]
     try:
         with torch.random.fork_rng(devices=_devices(model)), _attention_kernels(), _no_mha_fastpath():
             yield
     finally:
+        for h in hooks:
+            h.remove()
         for m in norms:
             m.track_running_stats = True
         for m, training in modes:
