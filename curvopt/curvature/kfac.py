@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
@@ -444,7 +445,10 @@ class KFACOperator(CurvatureOperator):
                                        keep, dtype)
             # "sum": per-batch sums of a a^T, divided by the total count after the loop
             result += [A if self.reduction == "mean" else A * counted, scale * G]
-        result += self._diagonal_blocks(out, [primal[i] for i in self.diagonal_params], U, keep, scale, dtype)
+        if self.diagonal_params:
+            fast = self._per_sample_diagonal(X, out, U, scale, dtype)
+            result += fast if fast is not None else self._diagonal_blocks(
+                out, [primal[i] for i in self.diagonal_params], U, keep, scale, dtype)
         count = torch.tensor(float(counted), dtype=dtype, device=out.device)
         return loss, [*result, missing, count if self.reduction == "sum" else count / max(counted, 1)]
 
@@ -476,6 +480,50 @@ class KFACOperator(CurvatureOperator):
             size = d_in + (layer.bias is not None)
             return a.new_zeros(size, size, dtype=dtype), g.new_zeros(out_dim, out_dim, dtype=dtype)
         return input_factor(a, "expand", bias=layer.bias is not None), output_factor(g, "expand")
+
+    def _per_sample_diagonal(self, X: Any, out: torch.Tensor, U: torch.Tensor, scale: float,
+                             dtype: torch.dtype) -> TensorList | None:
+        """The diagonal blocks of :meth:`_diagonal_blocks` from per-sample gradients (``vmap`` over the
+        samples of a one-sample forward pass): linear in the batch size, where the batch-graph backward
+        passes are quadratic. Used only when the network demonstrably treats the samples of ``X``
+        (dimension 0) independently: the vmapped one-sample outputs equal the batch outputs. Otherwise
+        (batch statistics, ``batch_first=False`` layouts, dropout, operations without batching rules)
+        ``None``."""
+        if not isinstance(X, torch.Tensor) or X.dim() == 0 or X.shape[0] != out.shape[0]:
+            return None
+        primal = self._primal()
+        fixed = tuple(primal[i] for i in self.diagonal_params)
+
+        def output_of_one(sub: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+            params = list(primal)
+            for i, p in zip(self.diagonal_params, sub):
+                params[i] = p
+            return self._forward(params, x.unsqueeze(0)).squeeze(0)
+
+        def per_sample(x: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:  # u: [K, C]
+            _, pull = vjp(lambda *sub: output_of_one(sub, x), *fixed)
+            return vmap(pull)(u)
+
+        tol = {torch.float64: 1e-10, torch.float32: 1e-4}.get(out.dtype, 1e-2)
+        K, n = U.shape[:2]
+        chunk = max(1, self.max_batch_columns // max(K, 1))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # vmap's "no batching rule, performance drop" notes
+                with torch.no_grad():
+                    single = vmap(lambda x: output_of_one(fixed, x))(X)
+                reference = out.detach()
+                if single.shape != reference.shape or not torch.allclose(
+                        single, reference, rtol=tol, atol=tol * float(reference.abs().max().clamp_min(1.0))):
+                    return None
+                sums = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in fixed]
+                for s in range(0, n, chunk):
+                    grads = vmap(per_sample)(X[s:s + chunk], U[:, s:s + chunk].transpose(0, 1))
+                    for total, g in zip(sums, grads):  # g: [samples, K, *shape]
+                        total.add_(_statistics_dtype(g).square().sum((0, 1)))
+        except (RuntimeError, NotImplementedError, ValueError):
+            return None  # randomness or an operation vmap cannot batch: the batch-graph path
+        return [total.mul_(scale) for total in sums]
 
     def _diagonal_blocks(self, out: torch.Tensor, params: list[torch.Tensor], U: torch.Tensor,
                          keep: torch.Tensor | None, scale: float, dtype: torch.dtype) -> TensorList:
