@@ -78,7 +78,7 @@ def test_bad_input_is_rejected_with_the_valid_choices():
         op.solve(torch.ones(4))
     with pytest.raises(TypeError, match="cannot solve"):
         op.solve(3.0)
-    with pytest.raises(OptionError, match="damping must be positive"):
+    with pytest.raises(OptionError, match="needs damping > 0"):
         curvopt.curvature("kfac", *_linear_mse()).solve(b)  # the exact Kronecker inverse needs damping
 
 
