@@ -128,3 +128,31 @@ def draws_random_numbers(model: nn.Module, forward: Any) -> bool:
     with torch.no_grad():
         forward()
     return any(not torch.equal(a, b) for a, b in zip(before, rng_states(model)))
+
+
+@contextlib.contextmanager
+def frozen_norm_statistics() -> Iterator[None]:
+    """While it is active, every normalization layer that runs a forward pass in training mode uses its
+    batch statistics without updating its running statistics, whatever model it belongs to: for code
+    that runs a user's model it is not given (a plain closure), through global module hooks."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    frozen: list[nn.Module] = []
+
+    def before(module: nn.Module, args: tuple) -> None:
+        if isinstance(module, _NormBase) and module.training and module.track_running_stats:
+            module.track_running_stats = False
+            frozen.append(module)
+
+    def after(module: nn.Module, args: tuple, output: Any) -> None:
+        if frozen and frozen[-1] is module:
+            frozen.pop().track_running_stats = True
+
+    handles = [register_module_forward_pre_hook(before), register_module_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while frozen:  # a forward that raised
+            frozen.pop().track_running_stats = True

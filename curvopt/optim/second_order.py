@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from curvopt.curvature.graph_hessian import GraphHessian
-from curvopt.curvature.model_state import curvature_pass
+from curvopt.curvature.model_state import curvature_pass, frozen_norm_statistics
 from curvopt.curvature.registry import available_curvatures, check_options, curvature, curvature_class
 from curvopt.errors import ClosureError, UnknownCurvatureError
 from curvopt.optim.closure import BatchClosure
@@ -153,14 +153,14 @@ class SecondOrderOptimizer(Optimizer, ABC):
 
     def _trial_loss(self, closure: Any) -> float:
         """The loss at the current parameters (no gradient needed for batch closures). A batch closure's
-        trial point runs inside :func:`curvature_pass`: train-mode BatchNorm uses the batch statistics,
-        as the step's own loss did, without updating its running statistics at points that may be
-        rejected; dropout draws from a forked RNG."""
+        trial point runs inside :func:`curvature_pass`, a plain closure's inside
+        :func:`frozen_norm_statistics`: train-mode BatchNorm uses the batch statistics, as the step's own
+        loss did, without updating its running statistics at points that may be rejected."""
         params = [p for g in self.param_groups for p in g["params"]]
         if isinstance(closure, BatchClosure):
             with torch.no_grad(), curvature_pass(closure.model), self._same_randomness(params):
                 return float(closure.loss())
-        with torch.enable_grad(), self._same_randomness(params):
+        with torch.enable_grad(), self._same_randomness(params), frozen_norm_statistics():
             return _loss_value(closure())
 
     @contextlib.contextmanager

@@ -615,3 +615,23 @@ def test_kfac_diagonal_blocks_per_sample_path_equals_batch_path(monkeypatch):
     fast = curvopt.curvature("kfac", model, nn.CrossEntropyLoss(), batches, fisher_type="empirical").to_dense()
     _close(fast, slow)
     assert used == [True, True]
+
+
+def test_plain_closure_trial_points_leave_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double().train()
+    X, y = torch.randn(16, 2, dtype=torch.float64), torch.randint(0, 3, (16,))
+
+    def closure():
+        model.zero_grad()
+        loss = nn.CrossEntropyLoss()(model(X), y)
+        loss.backward(create_graph=True)
+        return loss
+
+    for cls in (curvopt.NewtonMR, curvopt.TrustRegion, curvopt.ARC):
+        model[1].reset_running_stats()
+        opt = cls(model.parameters())
+        opt.step(closure)
+        assert opt.stats.evaluations >= 2
+        assert int(model[1].num_batches_tracked) == 1, cls.__name__  # the step's own loss only
+        assert model[1].track_running_stats
