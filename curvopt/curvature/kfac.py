@@ -522,7 +522,33 @@ class KFACOperator(CurvatureOperator):
                     for total, g in zip(sums, grads):  # g: [samples, K, *shape]
                         total.add_(_statistics_dtype(g).square().sum((0, 1)))
         except (RuntimeError, NotImplementedError, ValueError):
-            return None  # randomness or an operation vmap cannot batch: the batch-graph path
+            # an operation vmap cannot batch (recurrent kernels), or randomness: one sample at a time
+            return self._looped_diagonal(X, out, U, scale, dtype, output_of_one, fixed, tol)
+        return [total.mul_(scale) for total in sums]
+
+    def _looped_diagonal(self, X: torch.Tensor, out: torch.Tensor, U: torch.Tensor, scale: float,
+                         dtype: torch.dtype, output_of_one: Any, fixed: tuple, tol: float) -> TensorList | None:
+        """:meth:`_per_sample_diagonal` one sample at a time (linear in the batch size, with a Python loop),
+        for models ``vmap`` cannot batch; ``None`` as soon as a sample's output differs from the batch's."""
+        reference = out.detach()
+        atol = tol * float(reference.abs().max().clamp_min(1.0))
+        sums = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in fixed]
+        try:
+            for i in range(X.shape[0]):
+                live = [u for u in U[:, i] if bool(u.any())]
+                sub = [p.detach().requires_grad_() for p in fixed]
+                with torch.enable_grad():
+                    o = output_of_one(tuple(sub), X[i])
+                if o.shape != reference[i].shape or not torch.allclose(o.detach(), reference[i], rtol=tol,
+                                                                       atol=atol):
+                    return None  # the samples interact (or draw random numbers): the batch-graph path
+                for j, u in enumerate(live):
+                    grads = torch.autograd.grad(o, sub, u, retain_graph=j + 1 < len(live), allow_unused=True)
+                    for total, g in zip(sums, grads):
+                        if g is not None:
+                            total.add_(_statistics_dtype(g).square())
+        except (RuntimeError, NotImplementedError, ValueError):
+            return None
         return [total.mul_(scale) for total in sums]
 
     def _diagonal_blocks(self, out: torch.Tensor, params: list[torch.Tensor], U: torch.Tensor,

@@ -593,13 +593,15 @@ def test_operators_follow_a_replaced_parameter():
         ops[0] @ v
 
 
-def test_kfac_diagonal_blocks_per_sample_path_equals_batch_path(monkeypatch):
-    """Samples that the network treats independently get their diagonal blocks from vmapped per-sample
-    gradients (linear in the batch size); the result equals the batch-graph backward passes."""
+@pytest.mark.parametrize("kind", ["attention", "lstm"])
+def test_kfac_diagonal_blocks_per_sample_path_equals_batch_path(monkeypatch, kind):
+    """Samples that the network treats independently get their diagonal blocks from per-sample
+    gradients (vmapped, or one sample at a time where vmap cannot batch, as for LSTM): linear in the
+    batch size; the result equals the batch-graph backward passes."""
     from curvopt.curvature.kfac import KFACOperator
 
     torch.manual_seed(0)
-    model = MaskedAttention().double()
+    model = (MaskedAttention() if kind == "attention" else Recurrent("lstm")).double()
     batches = _data(6, 3, 3, 5, splits=[4, 2], pad_targets=1)
     original = KFACOperator._per_sample_diagonal
     monkeypatch.setattr(KFACOperator, "_per_sample_diagonal", lambda self, *a: None)
