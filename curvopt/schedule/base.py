@@ -1,0 +1,260 @@
+"""The shared base of the batch-size schedules: a seeded, resumable sampler that hands out one
+optimizer step's batch at the current size, a micro-batched backward with the exact mean, lr
+scaling per param group, a history and a ``state_dict`` safe under ``torch.load(weights_only=True)``.
+
+The user's loop::
+
+    for epoch in range(epochs):
+        for X, y in sched:          # one optimizer step's batch at the current size
+            optimizer.zero_grad()
+            sched.backward(X, y)     # loss and gradient in micro-batches, exact mean
+            optimizer.step()
+        sched.step()                 # end of epoch
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from curvopt.errors import EmptyDataError, OptionError
+
+#: ``lr_scaling`` names: how the lr follows the batch size (Goyal et al.: linear; Krizhevsky/Hoffer: sqrt).
+LR_SCALINGS = ("linear", "sqrt", "none")
+
+
+def lr_factor(ratio: float, scaling: str) -> float:
+    """The lr multiplier for a batch grown by ``ratio`` under ``scaling`` (``linear``, ``sqrt``, ``none``)."""
+    if scaling == "linear":
+        return float(ratio)
+    if scaling == "sqrt":
+        return math.sqrt(ratio)
+    return 1.0
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OptionError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class _Data:
+    """Indexable view of the training set: ``(X, y)`` tensors, a ``TensorDataset`` or any map-style
+    dataset of ``(x, y)`` pairs (collated with ``default_collate``)."""
+
+    def __init__(self, dataset: Any) -> None:
+        tensors = getattr(dataset, "tensors", None)
+        if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(
+                isinstance(t, torch.Tensor) for t in dataset):
+            tensors = tuple(dataset)
+        self.tensors = tensors
+        self.dataset = dataset
+        try:
+            self.n = len(tensors[0]) if tensors is not None else len(dataset)
+        except TypeError:
+            raise OptionError(
+                f"dataset must be an (X, y) pair of tensors or a map-style dataset with len(), got "
+                f"{type(dataset).__name__}") from None
+        if tensors is not None and len(tensors[1]) != self.n:
+            raise OptionError(f"dataset: X has {self.n} samples but y has {len(tensors[1])}")
+        if self.n == 0:
+            raise EmptyDataError("the dataset holds no samples")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tensors is not None:
+            X, y = self.tensors[0], self.tensors[1]
+            return X[idx.to(X.device)], y[idx.to(y.device)]
+        from torch.utils.data import default_collate
+
+        X, y = default_collate([self.dataset[int(i)] for i in idx])
+        return X, y
+
+
+class BatchSizeSchedule:
+    """Base of :class:`AdaptiveBatchSize`, :class:`FixedBatchSize` and :class:`IncreaseBatchSize`.
+
+    Iterating yields the batches ``(X, y)`` of one epoch, one optimizer step each, at the current
+    :attr:`batch_size`, drawn without replacement from a permutation seeded by ``(seed, epoch)``.
+    With ``drop_last=True`` (default) the samples left over at the end of an epoch (fewer than a
+    batch) wait for the next epoch's permutation: no partial step, nothing carried over. Call
+    :meth:`step` once at the end of each epoch.
+
+    Args:
+        optimizer: Any ``torch.optim.Optimizer`` (``curvopt.KFAC`` included).
+        model: The network; ``loss_fn(model(X), y)`` is the mean (or sum) loss of a batch.
+        loss_fn: The loss, ``reduction="mean"`` (default) or ``"sum"``.
+        dataset: ``(X, y)`` tensors, a ``TensorDataset`` or a map-style dataset of ``(x, y)`` pairs.
+        batch_size: Initial batch size.
+        max_batch_size: Largest batch size (default ``batch_size``).
+        micro_batch_size: Most samples per forward/backward pass in :meth:`backward` (default: the
+            batch itself); a large batch then needs no more memory than this many samples.
+        seed: Seeds the sampler (and the probe set of :class:`AdaptiveBatchSize`).
+        drop_last: Drop the short last batch of each epoch (default) or make it a step of its own.
+        epochs: Planned number of epochs (needed by schedules that depend on it, e.g. FGSM's fraction).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, loss_fn: Any, dataset: Any, *,
+                 batch_size: int, max_batch_size: int | None = None, micro_batch_size: int | None = None,
+                 seed: int = 0, drop_last: bool = True, epochs: int | None = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise OptionError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise OptionError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise OptionError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.optimizer, self.model, self.loss_fn = optimizer, model, loss_fn
+        self.data = _Data(dataset)
+        batch_size = _positive_int("batch_size", batch_size)
+        max_batch_size = batch_size if max_batch_size is None else _positive_int("max_batch_size", max_batch_size)
+        if max_batch_size < batch_size:
+            raise OptionError(f"max_batch_size={max_batch_size} is below batch_size={batch_size}: "
+                              f"raise max_batch_size or lower batch_size")
+        n = len(self.data)
+        if max_batch_size > n:
+            raise OptionError(f"the dataset holds {n} samples, fewer than a batch "
+                              f"(batch_size={batch_size}, max_batch_size={max_batch_size}): "
+                              f"use a larger dataset or batch sizes of at most {n}")
+        self.micro_batch_size = (None if micro_batch_size is None
+                                 else _positive_int("micro_batch_size", micro_batch_size))
+        self.initial_batch_size = batch_size
+        self.max_batch_size = max_batch_size
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        if epochs is not None:
+            epochs = _positive_int("epochs", epochs)
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.iterations = 0
+        self.history: list[dict[str, Any]] = []
+        self._position = 0  # samples of this epoch's permutation already handed out
+
+    # --- lr -------------------------------------------------------------------------------------------
+    @property
+    def lr(self) -> float | None:
+        """The first param group's lr (``None`` if the optimizer has none)."""
+        return self.optimizer.param_groups[0].get("lr")
+
+    @property
+    def lrs(self) -> list[float]:
+        """Every param group's lr."""
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def _require_lr(self, why: str) -> None:
+        for i, g in enumerate(self.optimizer.param_groups):
+            if "lr" not in g:
+                raise OptionError(
+                    f"{type(self.optimizer).__name__} param group {i} has no 'lr', which {why} scales; "
+                    f"use an optimizer with an lr or turn the lr scaling off (lr_scaling='none')")
+
+    def _scale_lr(self, factor: float) -> None:
+        if factor == 1.0:
+            return
+        for g in self.optimizer.param_groups:
+            lr = g["lr"]
+            # a tensor lr (capturable optimizers) is updated in place, so a compiled step sees it
+            if isinstance(lr, torch.Tensor):
+                lr.mul_(factor)
+            else:
+                g["lr"] = lr * factor
+
+    # --- sampling -------------------------------------------------------------------------------------
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data), generator=g)
+
+    def steps_per_epoch(self, batch_size: int | None = None) -> int:
+        """Optimizer steps in one epoch at ``batch_size`` (default: the current one)."""
+        b = batch_size or self.batch_size
+        n = len(self.data)
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        perm = self._permutation(self.epoch)
+        n = len(self.data)
+        while True:
+            self._before_batch()
+            b = self.batch_size
+            if self._position >= n or (self.drop_last and n - self._position < b):
+                return
+            idx = perm[self._position:self._position + b]
+            X, y = self.data.fetch(idx)
+            X, y = self._transform_batch(X, y)
+            self._on_step()
+            self._position += len(idx)
+            self.iterations += 1
+            yield X, y
+
+    def _before_batch(self) -> None:
+        """Hook before a batch is drawn (mid-epoch checks); the previous step has been taken."""
+
+    def _on_step(self) -> None:
+        """Hook when a batch is handed out, before ``iterations`` counts it (lr warm-up)."""
+
+    def _transform_batch(self, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook to change a batch before it is handed out (adversarial examples)."""
+        return X, y
+
+    def step(self) -> None:
+        """End of epoch: the schedule's epoch-end rule, then the sampler moves to the next epoch."""
+        self._end_of_epoch()
+        self.epoch += 1
+        self._position = 0
+
+    def _end_of_epoch(self) -> None:
+        self.history.append({"epoch": self.epoch, "iterations": self.iterations,
+                             "batch_size": self.batch_size, "lr": self.lr})
+
+    # --- gradient -------------------------------------------------------------------------------------
+    def _weight(self, part: int, total: int) -> float:
+        reduction = getattr(self.loss_fn, "reduction", "mean")
+        if reduction == "sum":
+            return 1.0
+        if reduction != "mean":
+            raise OptionError(f"loss_fn has reduction={reduction!r}; the schedules need a scalar loss: "
+                              f"use reduction='mean' (or 'sum')")
+        return part / total
+
+    def backward(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss of the batch and its gradient, accumulated into ``.grad`` in micro-batches of at most
+        ``micro_batch_size`` samples: each micro-batch's mean loss is weighted by its share of the batch,
+        so the gradient is the exact full-batch mean (and ``curvopt.KFAC`` sees one step's statistics).
+
+        Returns:
+            The batch's loss (detached scalar), as ``loss_fn`` would give on the whole batch.
+        """
+        total = len(X)
+        if total == 0:
+            raise EmptyDataError("sched.backward got an empty batch")
+        mb = self.micro_batch_size or total
+        loss_sum = None
+        for start in range(0, total, mb):
+            Xi, yi = X[start:start + mb], y[start:start + mb]
+            loss = self.loss_fn(self.model(Xi), yi) * self._weight(len(Xi), total)
+            loss.backward()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        return loss_sum
+
+    # --- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule's state (plain numbers, strings, lists and tensors: loads with
+        ``torch.load(weights_only=True)``). Save the optimizer's and model's state with it."""
+        return {"batch_size": self.batch_size, "epoch": self.epoch, "iterations": self.iterations,
+                "position": self._position, "seed": self.seed,
+                "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; iteration resumes at the next batch of the saved epoch."""
+        self.batch_size = int(state["batch_size"])
+        self.epoch = int(state["epoch"])
+        self.iterations = int(state["iterations"])
+        self._position = int(state["position"])
+        self.seed = int(state["seed"])
+        self.history = [dict(h) for h in state["history"]]
