@@ -50,7 +50,7 @@ class CurvatureMonitor:
     Each check builds ``curvopt.curvature(curvature, model, loss_fn, probe_data, **options)`` on the model's
     current parameters and records (columns of :attr:`history` and of the CSV file):
 
-    * ``epoch``, ``check`` (0, 1, ... over the checks made), then the caller's extra columns, in the order of
+    * ``epoch``, ``check`` (0, 1, ... over this monitor's checks), then the caller's extra columns, in the order of
       the first check;
     * ``top_eigenvalue`` and ``top_eigenvalue_residual``: the largest eigenvalue from
       :func:`curvopt.top_eigenvalues` (Lanczos, the same seeded start vector at every check) and its residual
@@ -59,7 +59,8 @@ class CurvatureMonitor:
       probe's curvature (it does not prove that eigenvalue is the largest);
     * ``trace`` and ``trace_stderr`` from :func:`curvopt.trace` (Hutch++ by default); with
       ``"per_layer_trace"``, ``trace/<block>`` and ``trace_stderr/<block>`` per block of the operator (per
-      module by default, the root module's own parameters as ``<root>``), from the same probes;
+      module by default, the root module's own parameters as ``<root>``), from the same probes (a standard
+      error is ``inf`` when the budget left a single random probe);
     * ``products``: curvature-vector products spent, and ``probe_seconds``: wall time of the check.
 
     Probes leave the model as found (parameters, buffers such as BatchNorm running statistics, train/eval
@@ -127,8 +128,10 @@ class CurvatureMonitor:
             )
         if mode not in MODES:
             raise OptionError(f"CurvatureMonitor(mode={mode!r}); valid: {', '.join(MODES)}")
-        options.setdefault("cache", True)  # Lanczos and the trace reuse each batch's forward pass
-        check_options(curvature_class(curvature), options)  # unknown names list the valid ones, here
+        backend = curvature_class(curvature)  # an unknown name lists the valid ones, here and not at a check
+        if True in getattr(backend, "cache_modes", ()):
+            options.setdefault("cache", True)  # Lanczos and the trace reuse each batch's forward pass
+        check_options(backend, options)
         checked_data(probe_data, "CurvatureMonitor(probe_data=...)")
         first_batch(probe_data, "CurvatureMonitor(probe_data=...)")
         self.model = model
