@@ -10,6 +10,7 @@ Public API::
 
 from curvopt import errors
 from curvopt.analysis import (
+    CurvatureMonitor,
     loss_landscape,
     random_direction,
     sensitivity,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARC",
+    "CurvatureMonitor",
     "Block",
     "KFAC",
     "NewtonMR",
