@@ -35,15 +35,15 @@ class IncreaseBatchSize(BatchSizeSchedule):
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 1:
             raise OptionError(f"factor must be a number > 1, got {factor!r}")
         self.milestones, self.factor = ms, float(factor)
+        if self.initial_batch_size * self.factor ** len(ms) > self.max_batch_size * (1 + 1e-12):
+            # some milestone will decay the lr: refuse now rather than after epochs of training
+            self._require_lr("IncreaseBatchSize's lr decay at the batch-size cap")
 
     def _end_of_epoch(self) -> None:
         reason = ""
         if self.epoch + 1 in self.milestones:
             new = min(int(round(self.batch_size * self.factor)), self.max_batch_size)
-            decay = (new / self.batch_size) / self.factor
-            if decay != 1.0:
-                self._require_lr("IncreaseBatchSize's lr decay at the batch-size cap")
-            self._scale_lr(decay)
+            self._scale_lr((new / self.batch_size) / self.factor)
             reason = "milestone" if new > self.batch_size else "cap"
             self.batch_size = new
         self.history.append({"epoch": self.epoch, "iterations": self.iterations,

@@ -97,3 +97,26 @@ def test_gg_grows_at_milestones_then_decays_the_lr_at_the_cap():
     with pytest.raises(OptionError, match="factor must be a number > 1"):
         IncreaseBatchSize(opt, model, nn.CrossEntropyLoss(), data, batch_size=4, max_batch_size=8,
                           milestones=[1], factor=1)
+
+
+class _NoLr(torch.optim.Optimizer):
+    def __init__(self, params):
+        super().__init__(params, {"momentum": 0.0})
+
+    def step(self, closure=None):
+        return None
+
+
+def test_optimizer_without_lr_is_refused_before_training_where_an_lr_must_change():
+    model, _, data = _setup()
+    opt = _NoLr(model.parameters())
+    with pytest.raises(OptionError, match="_NoLr param group 0 has no 'lr'"):
+        IncreaseBatchSize(opt, model, nn.CrossEntropyLoss(), data, batch_size=4, max_batch_size=8,
+                          milestones=[1, 2])  # the second milestone would decay the lr
+    with pytest.raises(OptionError, match="_NoLr param group 0 has no 'lr'"):
+        FixedBatchSize(opt, model, nn.CrossEntropyLoss(), data, batch_size=16, base_batch_size=4)
+    gg = IncreaseBatchSize(opt, model, nn.CrossEntropyLoss(), data, batch_size=4, max_batch_size=16,
+                           milestones=[1, 2])
+    gg.step()
+    gg.step()
+    assert gg.batch_size == 16
