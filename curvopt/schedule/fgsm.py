@@ -57,11 +57,14 @@ class FGSM:
         lo, hi = self.clamp
         out = []
         mb = micro_batch_size or len(X)
+        # detached stand-ins for the parameters: no gradient to them, and a KFAC optimizer (which knows its
+        # parameters by identity) records nothing of this pass, whatever the order of the user's loop
+        params = {n: p.detach() for n, p in model.named_parameters()}
         with curvature_pass(model):
             model.eval()
             for s in range(0, len(X), mb):
                 x = X[s:s + mb].detach().clone().requires_grad_(True)
-                loss = loss_fn(model(x), y[s:s + mb])
+                loss = loss_fn(torch.func.functional_call(model, params, (x,)), y[s:s + mb])
                 (g,) = torch.autograd.grad(loss, x)
                 out.append((x.detach() + self.eps * g.sign()).clamp_(lo, hi))
         return torch.cat(out)

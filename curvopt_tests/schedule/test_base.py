@@ -173,3 +173,47 @@ def test_map_style_dataset_is_collated():
                          batch_size=4, seed=2)
     for (a, b), (c, d) in zip(sched, ref, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_probes_and_fgsm_passes_leave_no_trace_in_kfac():
+    """K-FAC's factors after each step are those of the batch handed out (FGSM examples included), even
+    with ``zero_grad()`` placed after the step; a run with probes equals one without, bit for bit."""
+    X, y = _data(48, dtype=torch.float32)
+
+    def run(probes):
+        model = _mlp(torch.float32)
+        opt = curvopt.KFAC(model.parameters(), lr=0.1, factor_decay=0.0)
+        loss_fn = nn.CrossEntropyLoss()
+        if probes:
+            sched = AdaptiveBatchSize(opt, model, loss_fn, (X, y), batch_size=12, max_batch_size=24,
+                                      probe_size=16, duration=100, lanczos_steps=4, lr_scaling="none",
+                                      adversarial=curvopt.schedule.FGSM(0.5, fraction=0.5), micro_batch_size=5)
+        else:
+            sched = FixedBatchSize(opt, model, loss_fn, (X, y), batch_size=12, micro_batch_size=5)
+        opt.zero_grad()
+        for _ in range(2):
+            for Xb, yb in sched:
+                sched.backward(Xb, yb)
+                opt.step()
+                a = torch.cat([Xb, torch.ones(12, 1)], 1)
+                torch.testing.assert_close(opt.state[model[0].weight]["A"], a.T @ a / 12)
+                opt.zero_grad()
+            sched.step()
+        opt.close()
+        return [p.detach() for p in model.parameters()], sched
+
+    plain, _ = run(False)
+    probed, sched = run(True)
+    assert len(sched.history) == 2 and sched.history[0]["adversarial_fraction"] == 0.5
+    for p, q in zip(plain, probed):
+        assert not torch.equal(p, q)  # the FGSM examples changed the run
+    # the probes alone (no adversarial examples) leave the run unchanged
+    model = _mlp(torch.float32)
+    opt = curvopt.KFAC(model.parameters(), lr=0.1, factor_decay=0.0)
+    sched = AdaptiveBatchSize(opt, model, nn.CrossEntropyLoss(), (X, y), batch_size=12, max_batch_size=24,
+                              probe_size=16, duration=100, lanczos_steps=4, lr_scaling="none", micro_batch_size=5)
+    _train(sched, opt, model, 2)
+    opt.close()
+    assert len(sched.history) == 2
+    for p, q in zip(plain, model.parameters()):
+        assert torch.equal(p, q)
