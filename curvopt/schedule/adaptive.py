@@ -51,7 +51,8 @@ class AdaptiveBatchSize(BatchSizeSchedule):
     Args:
         batch_size, max_batch_size: Initial and largest batch sizes.
         curvature: Registry name of the backend (``"hessian"``, ``"ggn"``, ...).
-        curvature_options: Keyword options of the backend.
+        curvature_options: Keyword options of the backend (``{"cache": True}`` makes the probe's
+            products reuse each probe batch's forward pass: faster, holding ``probe_size`` samples' context).
         probe_size: Samples in the probe set (default 1024, at most the dataset).
         kappa: Drop ratio that triggers growth (> 1).
         growth: Batch growth factor (> 1).
@@ -73,9 +74,10 @@ class AdaptiveBatchSize(BatchSizeSchedule):
                  lanczos_steps: int = 20, tol: float = 1e-4, **kwargs: Any) -> None:
         super().__init__(optimizer, model, loss_fn, dataset, batch_size=batch_size,
                          max_batch_size=max_batch_size, **kwargs)
-        from curvopt.curvature.registry import curvature_class
+        from curvopt.curvature.registry import check_options, curvature_class
 
-        curvature_class(curvature)  # an unknown name fails now, listing the valid ones
+        # an unknown name or option fails now, listing the valid ones, not at the first check
+        check_options(curvature_class(curvature), dict(curvature_options or {}))
         for name, value in (("kappa", kappa), ("growth", growth)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
                 raise OptionError(f"{name} must be a number > 1, got {value!r}")

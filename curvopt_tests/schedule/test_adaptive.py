@@ -178,6 +178,9 @@ def test_bad_input_is_refused_naming_the_option():
         AdaptiveBatchSize(opt, model, loss_fn, data, batch_size=8, max_batch_size=16, lr_scaling="cubic")
     with pytest.raises(OptionError, match="kappa"):
         AdaptiveBatchSize(opt, model, loss_fn, data, batch_size=8, max_batch_size=16, kappa=1)
+    with pytest.raises(OptionError, match="unknown option.*'cahce'"):
+        AdaptiveBatchSize(opt, model, loss_fn, data, batch_size=8, max_batch_size=16,
+                          curvature_options={"cahce": True})
     with pytest.raises(curvopt.errors.UnknownCurvatureError, match="hessain"):
         AdaptiveBatchSize(opt, model, loss_fn, data, batch_size=8, max_batch_size=16, curvature="hessain")
 
@@ -203,3 +206,32 @@ def test_optimizer_without_lr_needs_lr_scaling_none():
         sched.step()
         sched.step()
     assert sched.batch_size == 8 and sched.lr is None
+
+
+def test_checks_every_n_steps_run_once_each_also_across_epochs():
+    sched, _ = _mocked([10.0] * 40, check_every=3, max_batch_size=4, duration=100)
+    for _ in range(3):
+        for _batch in sched:  # 32 steps per epoch at batch 2: checks after steps 3, 6, ..., 96
+            pass
+        sched.step()
+    assert [h["iterations"] for h in sched.history] == list(range(3, 97, 3))
+    assert [h["epoch"] for h in sched.history] == [0] * 10 + [1] * 11 + [2] * 11
+    assert sched.iterations == 96
+    next(iter(sched))  # no second check at 96 in the next epoch
+    assert len(sched.history) == 32
+
+
+def test_a_real_probe_with_a_non_finite_loss_warns_and_training_continues():
+    model, loss_fn, (X, y) = _problem(n=32)
+    X = X.clone()
+    X[5] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = AdaptiveBatchSize(opt, model, loss_fn, (X, y), batch_size=4, max_batch_size=8, probe_size=32,
+                              lanczos_steps=4, duration=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match="not finite.*batch size stays 4 and training continues"):
+        sched.step()
+        sched.step()
+    assert sched.batch_size == 4 and [h["reason"] for h in sched.history] == ["non-finite"] * 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert len(list(sched)) == 8  # the sampler goes on
