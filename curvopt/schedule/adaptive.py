@@ -113,11 +113,13 @@ class AdaptiveBatchSize(BatchSizeSchedule):
 
     # --- probe ----------------------------------------------------------------------------------------
     def probe_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The fixed probe set (a seeded draw of ``probe_size`` samples), in micro-batches."""
+        """The fixed probe set (a seeded draw of ``probe_size`` samples), in micro-batches on the model's
+        device."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + PROBE_SEED)
         idx = torch.randperm(len(self.data), generator=g)[:self.probe_size]
         mb = self.micro_batch_size or len(idx)
-        return [self.data.fetch(idx[s:s + mb]) for s in range(0, len(idx), mb)]
+        device = self.device
+        return [tuple(t.to(device) for t in self.data.fetch(idx[s:s + mb])) for s in range(0, len(idx), mb)]
 
     def probe(self) -> tuple[list[float], list[float]]:
         """Top eigenvalue(s) of the probe set's curvature and their standard errors (one per block with
@@ -138,11 +140,10 @@ class AdaptiveBatchSize(BatchSizeSchedule):
                 v0 = self._ritz[i] if self._ritz is not None and i < len(self._ritz) else None
                 if v0 is not None and (v0.numel() != P or not bool(torch.isfinite(v0).all())):
                     v0 = None
-                first = next(iter(self.model.parameters()))
-                gen = torch.Generator(device=first.device).manual_seed(self.seed + i)
+                gen = torch.Generator(device=self.device).manual_seed(self.seed + i)
                 # curvopt.top_eigenvalues takes no start vector; its Lanczos does (warm start)
                 res = lanczos(o, 1, tol=self.tol, max_iter=self.lanczos_steps, min_iter=min(3, P),
-                              generator=gen, v0=None if v0 is None else v0.to(first.device))
+                              generator=gen, v0=None if v0 is None else v0.to(self.device))
                 eigs.append(float(res.eigenvalues[0]))
                 ses.append(float(res.residuals[0]))
                 vecs.append(res.eigenvectors[:, 0].detach().cpu().clone())
@@ -220,8 +221,9 @@ class AdaptiveBatchSize(BatchSizeSchedule):
         if m == 0:
             return X, y
         X = X.clone()
-        X[:m] = self.adversarial.perturb(self.model, self.loss_fn, X[:m], y[:m],
-                                         micro_batch_size=self.micro_batch_size)
+        device = self.device
+        X[:m] = self.adversarial.perturb(self.model, self.loss_fn, X[:m].to(device), y[:m].to(device),
+                                         micro_batch_size=self.micro_batch_size).to(X.device)
         return X, y
 
     # --- state ----------------------------------------------------------------------------------------

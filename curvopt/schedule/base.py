@@ -15,6 +15,7 @@ The user's loop::
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,6 +137,14 @@ class BatchSizeSchedule:
         self.history: list[dict[str, Any]] = []
         self._position = 0  # samples of this epoch's permutation already handed out
 
+    @property
+    def device(self) -> torch.device:
+        """The model's device (of its first parameter or buffer; CPU for a model without either)."""
+        t = next(iter(self.model.parameters()), None)
+        if t is None:
+            t = next(iter(self.model.buffers()), None)
+        return t.device if t is not None else torch.device("cpu")
+
     # --- lr -------------------------------------------------------------------------------------------
     @property
     def lr(self) -> float | None:
@@ -176,13 +185,20 @@ class BatchSizeSchedule:
         n = len(self.data)
         return n // b if self.drop_last else -(-n // b)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        perm = self._permutation(self.epoch)
+    def _exhausted(self) -> bool:
         n = len(self.data)
+        return self._position >= n or (self.drop_last and n - self._position < self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._position > 0 and self._exhausted():
+            # a loop without sched.step() would otherwise train one epoch and then silently nothing
+            warnings.warn(f"{type(self).__name__}: epoch {self.epoch} is over and yields no batch; call "
+                          f"sched.step() at the end of each epoch", RuntimeWarning, stacklevel=2)
+        perm = self._permutation(self.epoch)
         while True:
             self._before_batch()
             b = self.batch_size
-            if self._position >= n or (self.drop_last and n - self._position < b):
+            if self._exhausted():
                 return
             idx = perm[self._position:self._position + b]
             X, y = self.data.fetch(idx)
@@ -227,6 +243,8 @@ class BatchSizeSchedule:
         ``micro_batch_size`` samples: each micro-batch's mean loss is weighted by its share of the batch,
         so the gradient is the exact full-batch mean (and ``curvopt.KFAC`` sees one step's statistics).
 
+        ``X`` and ``y`` may stay on the host: each micro-batch is moved to the model's device.
+
         Returns:
             The batch's loss (detached scalar), as ``loss_fn`` would give on the whole batch.
         """
@@ -234,9 +252,11 @@ class BatchSizeSchedule:
         if total == 0:
             raise EmptyDataError("sched.backward got an empty batch")
         mb = self.micro_batch_size or total
+        device = self.device
         loss_sum = None
         for start in range(0, total, mb):
-            Xi, yi = X[start:start + mb], y[start:start + mb]
+            # a batch kept on the host goes to the model's device one micro-batch at a time
+            Xi, yi = X[start:start + mb].to(device), y[start:start + mb].to(device)
             loss = self.loss_fn(self.model(Xi), yi) * self._weight(len(Xi), total)
             loss.backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()

@@ -80,6 +80,10 @@ def test_sampler_is_seeded_covers_each_epoch_once_and_drops_no_partial_step():
     again = FixedBatchSize(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), (X, y),
                            batch_size=8, seed=5)
     assert torch.equal(torch.cat([Xb[:, 0].long() for Xb, _ in again]), torch.cat(epoch0))
+    sched.step()
+    list(sched)
+    with pytest.warns(RuntimeWarning, match="epoch 2 is over.*call sched.step"):
+        assert list(sched) == []
     keep = FixedBatchSize(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), (X, y),
                           batch_size=8, drop_last=False)
     assert [len(Xb) for Xb, _ in keep] == [8] * 6 + [2]
