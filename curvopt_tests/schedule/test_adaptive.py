@@ -165,6 +165,13 @@ def test_probe_matches_dense_hessian_and_restores_mode_buffers_and_rng():
     sched.lanczos_steps = 3
     eigs2, _ = sched.probe()
     assert eigs2[0] == pytest.approx(top, rel=1e-8)
+    # blockwise: one top eigenvalue per module, those of the diagonal blocks of H
+    sched.blockwise, sched.lanczos_steps, sched._ritz = True, 60, None
+    eigs3, _ = sched.probe()
+    sizes = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model if list(m.parameters())]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    dense = [torch.linalg.eigvalsh(H[a:a + n, a:a + n])[-1].item() for a, n in zip(starts, sizes)]
+    assert len(eigs3) == 3 and eigs3 == pytest.approx(dense, rel=1e-8)
 
 
 def test_bad_input_is_refused_naming_the_option():
