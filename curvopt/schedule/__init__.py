@@ -7,5 +7,14 @@ from curvopt.schedule.base import BatchSizeSchedule
 from curvopt.schedule.fgsm import FGSM
 from curvopt.schedule.fixed import FixedBatchSize
 from curvopt.schedule.increase import IncreaseBatchSize
+from curvopt.schedule.registry import available_schedules, make_schedule
 
-__all__ = ["AdaptiveBatchSize", "BatchSizeSchedule", "FGSM", "FixedBatchSize", "IncreaseBatchSize"]
+__all__ = [
+    "AdaptiveBatchSize",
+    "BatchSizeSchedule",
+    "FGSM",
+    "FixedBatchSize",
+    "IncreaseBatchSize",
+    "available_schedules",
+    "make_schedule",
+]
