@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt.curvature.losses import detect_reduction, loss_reduction, loss_terms
 from curvopt.errors import EmptyDataError, OptionError
 
 #: ``lr_scaling`` names: how the lr follows the batch size (Goyal et al.: linear; Krizhevsky/Hoffer: sqrt).
@@ -229,35 +230,44 @@ class BatchSizeSchedule:
                              "batch_size": self.batch_size, "lr": self.lr})
 
     # --- gradient -------------------------------------------------------------------------------------
-    def _weight(self, part: int, total: int) -> float:
-        reduction = getattr(self.loss_fn, "reduction", "mean")
-        if reduction == "sum":
-            return 1.0
-        if reduction != "mean":
-            raise OptionError(f"loss_fn has reduction={reduction!r}; the schedules need a scalar loss: "
-                              f"use reduction='mean' (or 'sum')")
-        return part / total
-
     def backward(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of the batch and its gradient, accumulated into ``.grad`` in micro-batches of at most
-        ``micro_batch_size`` samples: each micro-batch's mean loss is weighted by its share of the batch,
-        so the gradient is the exact full-batch mean (and ``curvopt.KFAC`` sees one step's statistics).
-
-        ``X`` and ``y`` may stay on the host: each micro-batch is moved to the model's device.
+        ``micro_batch_size`` samples: each micro-batch's loss is weighted by its share of what the loss
+        averages over (samples; for cross entropy/NLL the counted targets, class weights included, as
+        torch's mean divides), so the gradient is the exact full-batch one (and ``curvopt.KFAC`` sees
+        one step's statistics). ``X`` and ``y`` may stay on the host: each micro-batch is moved to the
+        model's device.
 
         Returns:
             The batch's loss (detached scalar), as ``loss_fn`` would give on the whole batch.
+
+        Raises:
+            UnsupportedLossError: for a loss that is neither a mean nor a sum over samples.
         """
         total = len(X)
         if total == 0:
             raise EmptyDataError("sched.backward got an empty batch")
         mb = self.micro_batch_size or total
         device = self.device
+        reduction = loss_reduction(self.loss_fn)
+        whole = None
         loss_sum = None
         for start in range(0, total, mb):
             # a batch kept on the host goes to the model's device one micro-batch at a time
             Xi, yi = X[start:start + mb].to(device), y[start:start + mb].to(device)
-            loss = self.loss_fn(self.model(Xi), yi) * self._weight(len(Xi), total)
+            out = self.model(Xi)
+            if reduction is None:  # a plain function: tell mean from sum on the first micro-batch
+                reduction = detect_reduction(self.loss_fn, out.detach(), yi)
+            if reduction == "sum":
+                weight = 1.0
+            else:
+                if whole is None:
+                    whole = loss_terms(self.loss_fn, y, total, reduction)
+                part = loss_terms(self.loss_fn, yi, len(yi), reduction)
+                if part == 0 and whole != 0:
+                    continue  # nothing counted here (all targets ignored); its mean would be 0/0
+                weight = part / whole if whole != 0 else len(yi) / total
+            loss = self.loss_fn(out, yi) * weight
             loss.backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         return loss_sum
