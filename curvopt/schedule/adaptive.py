@@ -31,11 +31,12 @@ class AdaptiveBatchSize(BatchSizeSchedule):
     vector, with the model in eval mode inside
     :func:`~curvopt.curvature.model_state.curvature_pass` (mode, buffers, RNG restored). Then:
 
-    * the first check sets the reference;
+    * the first check sets the reference (and counts as a check without growth);
     * ``lambda <= reference / kappa`` and the drop ``reference - lambda`` exceeds twice its standard
       error: the batch grows and the reference resets to ``lambda``;
     * else, at the ``duration``-th check without growth, the batch grows and the reference is kept;
-    * growth is capped at ``max_batch_size`` (the history then says ``"cap"``);
+    * growth is capped at ``max_batch_size`` (the history then says ``"cap"`` where the batch would have
+      grown, and the duration count restarts);
     * on growth every param group's lr is multiplied by ``lr_factor(B'/B, lr_scaling)``;
     * a non-finite eigenvalue (or loss) on the probe set: a warning, no growth, the counters and the
       reference unchanged; training continues.
@@ -182,16 +183,17 @@ class AdaptiveBatchSize(BatchSizeSchedule):
                           f"epoch {self.epoch}, iteration {self.iterations}; the batch size stays "
                           f"{self.batch_size} and training continues", RuntimeWarning, stacklevel=2)
             reason = "non-finite"
-        elif self.reference is None or len(self.reference) != len(eigs):
-            self.reference, self.reference_se = list(eigs), list(ses)
-            self._since_growth += 1
         else:
-            dropped = all(e <= r / self.kappa and r - e > 2 * math.hypot(s, rs)
-                          for e, s, r, rs in zip(eigs, ses, self.reference, self.reference_se))
+            first = self.reference is None or len(self.reference) != len(eigs)
+            if first:
+                self.reference, self.reference_se = list(eigs), list(ses)
+            dropped = not first and all(e <= r / self.kappa and r - e > 2 * math.hypot(s, rs)
+                                        for e, s, r, rs in zip(eigs, ses, self.reference, self.reference_se))
             self._since_growth += 0 if dropped else 1
             want = "eigenvalue" if dropped else "duration" if self._since_growth >= self.duration else ""
             if want and self.batch_size >= self.max_batch_size:
                 reason = "cap"
+                self._since_growth = 0
             elif want:
                 self._grow()
                 reason = want

@@ -5,6 +5,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import curvopt
@@ -242,3 +244,30 @@ def test_a_real_probe_with_a_non_finite_loss_warns_and_training_continues():
     assert sched.batch_size == 4 and [h["reason"] for h in sched.history] == ["non-finite"] * 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert len(list(sched)) == 8  # the sampler goes on
+
+
+@given(values=st.lists(st.one_of(st.floats(0.01, 100.0), st.just(float("nan"))), min_size=1, max_size=25),
+       duration=st.integers(1, 5), kappa=st.floats(1.1, 4.0))
+def test_growth_rule_invariants_on_any_eigenvalue_sequence(values, duration, kappa):
+    sched, opt = _mocked(values, duration=duration, kappa=kappa, max_batch_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _run_checks(sched, len(values))
+    sizes = [2] + [h["batch_size"] for h in sched.history]
+    assert all(a <= b <= 32 for a, b in zip(sizes, sizes[1:]))
+    grew = [b > a for a, b in zip(sizes, sizes[1:])]
+    assert grew == [h["reason"] in ("eigenvalue", "duration") for h in sched.history]
+    # linear scaling: every group's lr stays proportional to the batch
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * sizes[-1] / 2, 0.01 * sizes[-1] / 2])
+    since = 0
+    for h in sched.history:
+        e, r = h["eigenvalue"], h["reference"]
+        if h["reason"] == "non-finite":
+            assert math.isnan(e)
+            continue
+        if h["reason"] == "eigenvalue":
+            assert e <= r / kappa
+        elif r is not None and h["reason"] == "":
+            assert e > r / kappa  # with zero standard errors any drop to 1/kappa triggers
+        since = 0 if h["reason"] in ("eigenvalue", "duration", "cap") else since + 1
+        assert since < duration
