@@ -26,12 +26,17 @@ from curvopt.curvature import (
     register_curvature,
 )
 from curvopt.optim import ARC, KFAC, NewtonMR, TrustRegion, batch_closure
+from curvopt.schedule import FGSM, AdaptiveBatchSize, FixedBatchSize, IncreaseBatchSize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARC",
+    "AdaptiveBatchSize",
     "CurvatureMonitor",
+    "FGSM",
+    "FixedBatchSize",
+    "IncreaseBatchSize",
     "Block",
     "KFAC",
     "NewtonMR",
