@@ -5,9 +5,18 @@ epochs, then prints the top eigenvalues of the configured curvature (the Hessian
 default), its trace with the standard error and the per-layer sensitivity table, and
 writes the spectral density and loss-landscape plots, each titled with the backend used.
 ``train`` trains with the optimizer named in the config and writes per-epoch metrics to
-CSV and the weights to ``model.pt``. Every value of a config, and the checkpoint, is
-checked before any computation: bad configuration ends with a one-line error and exit
-status 2.
+CSV and the weights to ``model.pt``. Its ``[schedule]`` table chooses a batch-size schedule
+by name (:func:`curvopt.schedule.registry.make_schedule`): ``"none"`` (the default: a fixed
+``[data] batch_size``, the plain loop), ``"fb"`` (FB: ``max_batch_size`` with the lr scaled
+from ``batch_size`` after a warm-up), ``"gg"`` (the batch grows at ``milestones``), ``"abs"``
+(the batch grows when the top Hessian eigenvalue of a fixed probe set has halved) and
+``"absa"`` (ABS with FGSM examples, ``options = { eps = ... }``); ``batch_size = 0`` means
+``[data] batch_size``, and ``options`` are the schedule's keyword arguments (``epochs`` is
+``[train] epochs``). ``metrics.csv`` then also holds, per epoch, the optimizer steps so far
+(``iterations``), the ``batch_size`` and ``lr`` of the epoch's last step, and the
+``top_eigenvalue`` of the schedule's last probe in the epoch (empty where it measures none).
+Every value of a config, and the checkpoint, is checked before any computation: bad
+configuration ends with a one-line error and exit status 2.
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"dataset": "mnist1d", "batch_size": 128},
     "optimizer": {"name": "kfac", "lr": 0.0, "options": {}},
     "train": {"epochs": 10},
+    "schedule": {"name": "none", "batch_size": 0, "max_batch_size": 0, "options": {}},
     "output": {"dir": "runs/train", "progress": True},
 }
 ARCHS = ("cnn1d", "mlp", "transformer", "lstm")
@@ -88,7 +98,11 @@ RANGES: dict[tuple[str, str], tuple[float, bool]] = {
     ("estimators", "seed"): (0, True),
     ("optimizer", "lr"): (0, True),  # 0: the optimizer's default (DEFAULT_LR)
     ("train", "epochs"): (1, True),
+    ("schedule", "batch_size"): (0, True),  # 0: [data] batch_size
+    ("schedule", "max_batch_size"): (0, True),  # 0: batch_size (required by fb, gg, abs, absa)
 }
+#: ``[schedule] options`` the command sets itself.
+SCHEDULE_RESERVED = ("epochs",)
 
 
 def load_config(path: str | None, defaults: dict[str, dict[str, Any]] = DEFAULTS) -> dict[str, dict[str, Any]]:
@@ -144,10 +158,11 @@ def _check_ranges(config: dict[str, dict[str, Any]], path: str) -> None:
 
 def _check_choices(config: dict[str, dict[str, Any]]) -> None:
     from curvopt.curvature import available_curvatures
+    from curvopt.schedule.registry import available_schedules
 
     choices = [("model", "arch", ARCHS), ("data", "dataset", DATASETS), ("loss", "name", tuple(LOSSES)),
                ("curvature", "backend", tuple(available_curvatures())), ("optimizer", "name", tuple(OPTIMIZERS)),
-               ("estimators", "trace_method", TRACE_METHODS)]
+               ("estimators", "trace_method", TRACE_METHODS), ("schedule", "name", available_schedules())]
     for section, key, valid in choices:
         if section in config and config[section][key] not in valid:
             raise ConfigError(f"[{section}] {key} = {config[section][key]!r}; valid: {', '.join(valid)}")
@@ -333,47 +348,185 @@ def _optimizer(config: dict[str, dict[str, Any]], model: nn.Module) -> torch.opt
         raise ConfigError(f"[optimizer] {name}: {e}") from e
 
 
-def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[dict[str, float]]:
-    """Train with the configured optimizer; print and write per-epoch metrics, save the weights."""
+def _schedule_sizes(config: dict[str, dict[str, Any]]) -> tuple[int, int | None]:
+    """``(batch_size, max_batch_size)`` of ``[schedule]``: 0 means ``[data] batch_size`` and "not given"."""
+    s = config["schedule"]
+    return s["batch_size"] or config["data"]["batch_size"], s["max_batch_size"] or None
+
+
+def _schedule_option_names(name: str) -> list[str]:
+    """The ``[schedule] options`` keys schedule ``name`` accepts (its class's keyword arguments, less
+    those the command sets)."""
+    from curvopt.schedule import AdaptiveBatchSize, FixedBatchSize, IncreaseBatchSize
+    from curvopt.schedule.base import BatchSizeSchedule
+
+    classes = {"fb": FixedBatchSize, "gg": IncreaseBatchSize, "abs": AdaptiveBatchSize, "absa": AdaptiveBatchSize}
+    cls = classes[name]
+    # set by the command from batch_size/max_batch_size (fb: base_batch_size = batch_size), or by eps/fraction
+    taken = {"self", "optimizer", "model", "loss_fn", "dataset", "batch_size", "max_batch_size", "kwargs",
+             "base_batch_size", "adversarial", *SCHEDULE_RESERVED}
+    names = [p for c in (cls, BatchSizeSchedule) for p in inspect.signature(c.__init__).parameters]
+    names += ["eps", "fraction"] if name == "absa" else []
+    return [n for n in dict.fromkeys(names) if n not in taken]
+
+
+def _make_schedule(config: dict[str, dict[str, Any]], optimizer: torch.optim.Optimizer, model: nn.Module,
+                   loss_fn: Any, dataset: Any) -> Any:
+    """The ``[schedule]`` of ``config`` over ``dataset`` (``epochs`` from ``[train]``, ``seed`` from ``[model]``
+    unless the options set it)."""
+    from curvopt.schedule.registry import make_schedule
+
+    batch_size, max_batch_size = _schedule_sizes(config)
+    options = dict(config["schedule"]["options"])
+    options["epochs"] = config["train"]["epochs"]
+    options.setdefault("seed", config["model"]["seed"])
+    return make_schedule(config["schedule"]["name"], optimizer, model, loss_fn, dataset, batch_size=batch_size,
+                         max_batch_size=max_batch_size, **options)
+
+
+def _check_schedule(config: dict[str, dict[str, Any]]) -> None:
+    """Every ``[schedule]`` value, before the data is built: the sizes, the option names, and the option
+    values, by building the schedule once on a stand-in (a 1-feature linear model and ``max_batch_size``
+    zero samples, no computation).
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    s = config["schedule"]
+    name, options = s["name"], s["options"]
+    batch_size, max_batch_size = _schedule_sizes(config)
+    others = "choose fb, gg, abs or absa"
+    if name == "none":
+        if options:
+            raise ConfigError(f"[schedule] name = 'none' takes no options (it trains at the fixed batch_size "
+                              f"{batch_size}): drop options = {options!r} or {others}")
+        if max_batch_size not in (None, batch_size):
+            raise ConfigError(f"[schedule] max_batch_size = {max_batch_size} with name = 'none', which keeps "
+                              f"batch_size = {batch_size}: drop max_batch_size or {others}")
+        return
+    opt_name = config["optimizer"]["name"]
+    if issubclass(OPTIMIZERS[opt_name], SecondOrderOptimizer):
+        raise ConfigError(f"[schedule] name = {name!r} needs a gradient optimizer (kfac, adam, sgd): {opt_name} "
+                          f"takes step(closure) and its lr is a step length, not scaled with the batch; "
+                          f"use name = 'none' or another [optimizer] name")
+    if max_batch_size is None:
+        raise ConfigError(f"[schedule] name = {name!r} needs max_batch_size, the largest batch "
+                          f"(>= batch_size = {batch_size})")
+    if max_batch_size < batch_size:
+        raise ConfigError(f"[schedule] max_batch_size = {max_batch_size} is below batch_size = {batch_size}: "
+                          f"raise max_batch_size or lower batch_size")
+    reserved = sorted(set(SCHEDULE_RESERVED) & set(options))
+    if reserved:
+        raise ConfigError(f"[schedule] options may not set {', '.join(reserved)}: the command sets it "
+                          f"([train] epochs)")
+    valid = _schedule_option_names(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"[schedule] options for {name!r} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(valid)}")
+    required = {"gg": "milestones", "absa": "eps"}.get(name)
+    if required and required not in options:
+        example = "milestones = [3, 6]" if name == "gg" else "eps = 0.1 (in the data's units)"
+        raise ConfigError(f"[schedule] name = {name!r} needs options = {{ {example} }}")
+    stand_in = nn.Linear(1, 2)
+    optimizer = _optimizer(config, stand_in)  # its own errors name [optimizer]
+    # zero-stride views: a stand-in of max_batch_size samples that allocates one
+    X, y = torch.zeros(1, 1).expand(max_batch_size, 1), torch.zeros(1, dtype=torch.int64).expand(max_batch_size)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _make_schedule(config, optimizer, stand_in, nn.CrossEntropyLoss(), (X, y))
+    except (CurvoptError, TypeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"[schedule] {name}: {first}") from e
+
+
+def _epoch_eigenvalue(records: list[dict[str, Any]]) -> float | str:
+    """The top eigenvalue of the last of ``records`` (one epoch's history) that measured one; per-block
+    values joined by ``;`` (``blockwise``); ``""`` for none."""
+    for record in reversed(records):
+        value = record.get("eigenvalue")
+        if value is None:
+            continue
+        return ";".join(repr(float(v)) for v in value) if isinstance(value, list) else float(value)
+    return ""
+
+
+def _first_lr(optimizer: torch.optim.Optimizer) -> float | str:
+    lr = optimizer.param_groups[0].get("lr")
+    return "" if lr is None else float(lr)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:>10.4g}" if isinstance(value, (int, float)) else f"{value:>10}"
+
+
+def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[dict[str, Any]]:
+    """Train with the configured optimizer (and ``[schedule]``); print and write per-epoch metrics, save the
+    weights. Returns the rows of ``metrics.csv``."""
     from tqdm.auto import tqdm
 
     progress = bool(config["output"]["progress"])
     out = Path(out or config["output"]["dir"])
+    _check_schedule(config)
     data = _dataset(config)
     model = _model(config, data.X_train.shape[1], data.num_classes)
     loss_fn = nn.CrossEntropyLoss()
     optimizer = _optimizer(config, model)
+    name = config["schedule"]["name"]
+    sched = (None if name == "none" else
+             _make_schedule(config, optimizer, model, loss_fn, (data.X_train, data.y_train)))
     out.mkdir(parents=True, exist_ok=True)
-    fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"]
-    rows: list[dict[str, float]] = []
+    fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "iterations", "batch_size",
+              "lr", "top_eigenvalue"]
+    rows: list[dict[str, Any]] = []
+    batch_size, max_batch_size = _schedule_sizes(config)
+    sizes = f"batch {batch_size}" + (f" -> {max_batch_size}, schedule {name}" if sched is not None else "")
     print(f"training {config['model']['arch']} on {config['data']['dataset']} with {config['optimizer']['name']} "
-          f"(lr {optimizer.defaults['lr']}, batch {config['data']['batch_size']})")
+          f"(lr {optimizer.defaults['lr']}, {sizes})")
     print("  ".join(f"{f:>10}" for f in fields))
     with open(out / "metrics.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         elapsed = 0.0
+        iterations = 0
         for epoch in range(1, config["train"]["epochs"] + 1):
             model.train()
-            loader = data.loader(config["data"]["batch_size"], shuffle=True, seed=config["model"]["seed"] + epoch)
             start = time.perf_counter()
-            for X, y in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
-                if isinstance(optimizer, SecondOrderOptimizer):  # Newton-type: a closure over the batch
-                    optimizer.step(batch_closure(model, loss_fn, X, y))
-                    continue
-                optimizer.zero_grad()
-                loss_fn(model(X), y).backward()
-                optimizer.step()
+            eigenvalue: float | str = ""
+            if sched is None:
+                loader = data.loader(batch_size, shuffle=True, seed=config["model"]["seed"] + epoch)
+                for X, y in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
+                    iterations += 1
+                    if isinstance(optimizer, SecondOrderOptimizer):  # Newton-type: a closure over the batch
+                        optimizer.step(batch_closure(model, loss_fn, X, y))
+                        continue
+                    optimizer.zero_grad()
+                    loss_fn(model(X), y).backward()
+                    optimizer.step()
+                lr = _first_lr(optimizer)
+            else:
+                seen = len(sched.history)
+                for X, y in tqdm(sched, desc=f"epoch {epoch}", unit="batch", total=sched.steps_per_epoch(),
+                                 leave=False, disable=not progress):
+                    optimizer.zero_grad()
+                    sched.backward(X, y)
+                    optimizer.step()
+                # what this epoch trained with; sched.step() may then grow the batch for the next one
+                batch_size, lr, iterations = sched.batch_size, _first_lr(optimizer), sched.iterations
+                sched.step()  # its probes count as training time
+                eigenvalue = _epoch_eigenvalue(sched.history[seen:])
             elapsed += time.perf_counter() - start
             model.eval()
             train_loss, train_acc = _evaluate(model, data.X_train, data.y_train, loss_fn)
             test_loss, test_acc = _evaluate(model, data.X_test, data.y_test, loss_fn)
             row = dict(epoch=epoch, train_loss=train_loss, train_acc=train_acc, test_loss=test_loss,
-                       test_acc=test_acc, seconds=elapsed)
+                       test_acc=test_acc, seconds=elapsed, iterations=iterations, batch_size=batch_size, lr=lr,
+                       top_eigenvalue=eigenvalue)
             writer.writerow(row)
             handle.flush()
             rows.append(row)
-            print("  ".join(f"{row[f]:>10.4g}" for f in fields))
+            print("  ".join(_cell(row[f]) for f in fields))
     torch.save(model.state_dict(), out / "model.pt")
     print(f"metrics: {out / 'metrics.csv'}; weights: {out / 'model.pt'}")
     return rows
@@ -387,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output folder (default: [output] dir)")
     t = sub.add_parser("train", help="train with an optimizer chosen by name (kfac, adam, sgd, newton_mr, "
                                      "trust_region, arc)")
-    t.add_argument("--config", help="TOML file (model, data, optimizer and its options, epochs)")
+    t.add_argument("--config", help="TOML file (model, data, optimizer and its options, epochs, batch-size "
+                                    "schedule)")
     t.add_argument("--out", help="output folder (default: [output] dir)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else None
