@@ -439,6 +439,9 @@ def _check_schedule(config: dict[str, dict[str, Any]]) -> None:
     except (CurvoptError, TypeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"[schedule] {name}: {first}") from e
+    finally:
+        if hasattr(optimizer, "close"):  # KFAC's global module hooks go now, not at garbage collection
+            optimizer.close()
 
 
 def _epoch_eigenvalue(records: list[dict[str, Any]]) -> float | str:

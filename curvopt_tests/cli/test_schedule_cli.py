@@ -172,3 +172,12 @@ def test_max_batch_beyond_the_dataset_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "fewer than a batch" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_kfac_under_abs(tmp_path, monkeypatch):
+    rows, sched = _run(tmp_path, monkeypatch, f'name = "abs"\nmax_batch_size = 256\n'
+                                              f'options = {{ duration = 1, micro_batch_size = 32, {PROBE} }}',
+                       optimizer="kfac")
+    _check_against_history(rows, sched)
+    assert [int(r["batch_size"]) for r in rows] == [64, 128]
+    assert float(rows[-1]["test_acc"]) > 0.5  # digits: far above chance (0.1)
