@@ -181,3 +181,10 @@ def test_kfac_under_abs(tmp_path, monkeypatch):
     _check_against_history(rows, sched)
     assert [int(r["batch_size"]) for r in rows] == [64, 128]
     assert float(rows[-1]["test_acc"]) > 0.5  # digits: far above chance (0.1)
+
+
+def test_blockwise_writes_each_blocks_eigenvalue(tmp_path, monkeypatch):
+    rows, sched = _run(tmp_path, monkeypatch, f'name = "abs"\nmax_batch_size = 128\n'
+                                              f'options = {{ blockwise = true, {PROBE} }}', epochs=1)
+    values = [float(v) for v in rows[0]["top_eigenvalue"].split(";")]
+    assert values == sched.history[-1]["eigenvalue"] and len(values) == 3  # the mlp's three Linear layers
