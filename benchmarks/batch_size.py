@@ -223,8 +223,8 @@ def row(group: list[Result], grad_s: float) -> dict:
 
 def print_table(rows: list[dict], bl_iterations: dict) -> None:
     print("| model | optimizer | schedule | max batch | test acc % | iterations | vs BL | FGSM acc % "
-          "| final batch | probes / train time | gradients per probe | diverged |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| final batch | train s/run | probes / train time | gradients per probe | diverged |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         fewer = bl_iterations.get(r["model"])
         ratio = f"{fewer / r['iterations']:.1f}x" if fewer and r["iterations"] else "-"
@@ -233,7 +233,8 @@ def print_table(rows: list[dict], bl_iterations: dict) -> None:
         finals = sorted(set(r["final_batch"]))
         print(f"| {r['model']} | {r['optimizer']} | {r['schedule']} | {r['max_batch']} "
               f"| {mean_std(r['test_acc'])} | {r['iterations']:.0f} | {ratio} | {mean_std(r['fgsm_acc'])} "
-              f"| {'/'.join(map(str, finals))} | {share} | {grads} | {r['diverged']}/{r['seeds']} |", flush=True)
+              f"| {'/'.join(map(str, finals))} | {r['seconds']:.0f} | {share} | {grads} "
+              f"| {r['diverged']}/{r['seeds']} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
