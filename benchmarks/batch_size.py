@@ -213,27 +213,32 @@ def row(group: list[Result], grad_s: float) -> dict:
            "seeds": len(group), "test_acc": [r.test_acc for r in group], "fgsm_acc": [r.fgsm_acc for r in group],
            "iterations": statistics.mean(r.iterations for r in group),
            "final_batch": [r.final_batch for r in group], "diverged": sum(r.diverged for r in group),
-           "seconds": statistics.mean(r.seconds for r in group), "probe_share": None, "probe_grads": None}
+           "seconds": statistics.mean(r.seconds for r in group), "probe_share": None, "probe_grads": None,
+           "growths": None}
     if any(r.checks for r in group):
         out["probe_share"] = statistics.mean(r.probe_seconds / r.seconds for r in group if r.seconds > 0)
         # one check's cost in gradients over the probe set (the same samples, this run's timing)
         out["probe_grads"] = statistics.mean(r.probe_seconds / max(r.checks, 1) for r in group) / grad_s
+        # what drove the growth: the eigenvalue rule or the duration fallback (mean per run)
+        out["growths"] = {why: statistics.mean(sum(h.get("reason") == why for h in r.history) for r in group)
+                          for why in ("eigenvalue", "duration")}
     return out
 
 
 def print_table(rows: list[dict], bl_iterations: dict) -> None:
     print("| model | optimizer | schedule | max batch | test acc % | iterations | vs BL | FGSM acc % "
-          "| final batch | train s/run | probes / train time | gradients per probe | diverged |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| final batch | train s/run | probes / train time | gradients per probe | growths eig/dur | diverged |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         fewer = bl_iterations.get(r["model"])
         ratio = f"{fewer / r['iterations']:.1f}x" if fewer and r["iterations"] else "-"
         share = "-" if r["probe_share"] is None else f"{100 * r['probe_share']:.0f}%"
         grads = "-" if r["probe_grads"] is None else f"{r['probe_grads']:.0f}"
         finals = sorted(set(r["final_batch"]))
+        why = "-" if r["growths"] is None else f"{r['growths']['eigenvalue']:.1f}/{r['growths']['duration']:.1f}"
         print(f"| {r['model']} | {r['optimizer']} | {r['schedule']} | {r['max_batch']} "
               f"| {mean_std(r['test_acc'])} | {r['iterations']:.0f} | {ratio} | {mean_std(r['fgsm_acc'])} "
-              f"| {'/'.join(map(str, finals))} | {r['seconds']:.0f} | {share} | {grads} "
+              f"| {'/'.join(map(str, finals))} | {r['seconds']:.0f} | {share} | {grads} | {why} "
               f"| {r['diverged']}/{r['seeds']} |", flush=True)
 
 

@@ -32,8 +32,10 @@ def test_batch_size_benchmark_quick(tmp_path, capsys):
         assert r["iterations"] > 0 and r["diverged"] == 0, r
         if r["schedule"] in ("ABS", "ABSA"):  # probes ran and were timed
             assert 0 < r["probe_share"] < 1 and r["probe_grads"] > 0, r
+            # duration=1 in --quick: each of the two checks grows the batch, 8 -> 16 -> 32, by some reason
+            assert r["growths"]["eigenvalue"] + r["growths"]["duration"] == 2, r
         else:
-            assert r["probe_share"] is None, r
+            assert r["probe_share"] is None and r["growths"] is None, r
     by = {(r["model"], r["optimizer"], r["schedule"]): r for r in rows}
     bl, fb = by["cnn1d", "SGD", "BL"], by["cnn1d", "SGD", "FB"]
     assert bl["final_batch"] == [8] and fb["final_batch"] == [32]
