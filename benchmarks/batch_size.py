@@ -1,22 +1,25 @@
 """Reproduction of the ABS/ABSA table (Yao, Gholami, Keutzer, Mahoney, arXiv:1810.01021) on mnist1d.
 
 Per model (``cnn1d``, the MLP 40-256-256-10) and seed, every run starts from the same initialization
-and trains ``--epochs`` epochs with SGD-momentum (0.9) through a ``curvopt.schedule`` loop:
+and trains ``--epochs`` epochs with SGD-momentum (0.9, lr ``--lr`` at B0: a fixed choice, not tuned on
+this table) through a ``curvopt.schedule`` loop:
 
 - BL: ``FixedBatchSize`` at the small batch ``--batch`` (B0) with the lr ``--lr`` throughout;
 - FB: ``FixedBatchSize`` at the max batch B, lr scaled by B / B0 after ``--warmup`` epochs of warm-up;
-- GG: ``IncreaseBatchSize`` from B0, doubling at milestones spread evenly over training so that B is
-  reached at the last one (Smith et al.'s lr decays replaced by batch growth; then the lr decays);
+- GG: ``IncreaseBatchSize`` from B0, doubling at ``log2(B / B0)`` milestones spread evenly over training
+  (Smith et al.: each would-be lr decay becomes a batch growth), B reached at the last, the lr unchanged;
 - ABS: ``AdaptiveBatchSize`` from B0 to B (Hessian top eigenvalue of a fixed ``--probe-size`` probe set
   by Lanczos, ``--lanczos-steps`` products, ``cache=True``; kappa 2, growth 2, ``--duration``, linear lr);
 - ABSA: ABS with ``FGSM(--eps, fraction=0.2)``;
 
 for each max batch B in ``--max-batches``, plus one ABS row with ``curvopt.KFAC`` as base optimizer at
-the largest B (``--kfac-*`` options). Columns: test accuracy (mean +- std over ``--seeds`` seeds), optimizer
-steps, test accuracy on FGSM examples of the test set (eps ``--eps``, the seed's robustness claim), and for
-ABS/ABSA the probes' share of training time and their cost in gradient-equivalents (probe seconds / seconds
-of one gradient over the probe set, timed in the same run). mnist1d is generated with at least ``--train``
-training samples and more where needed, so that the largest batch is below 1/8 of the training set.
+the largest B (``--kfac-*`` options; its lr grows with ``--kfac-lr-scaling``). Columns: test accuracy
+(mean +- std over ``--seeds`` seeds), optimizer steps, test accuracy on FGSM examples of the test set
+(eps ``--eps``, the seed's robustness claim), and for ABS/ABSA the probes' share of training time, one
+probe's cost in gradient-equivalents (probe seconds per check / seconds of one gradient over the probe
+set, timed in the same run) and the growths made by the eigenvalue rule and by the duration fallback.
+mnist1d is generated with at least ``--train`` training samples and more where needed, so that the
+largest batch is below 1/8 of the training set.
 Plots of each schedule (batch size, lr, ABS's eigenvalue against epochs, seed 0) are saved under ``--out``.
 Training time counts the whole loop (probes and FGSM included), not the evaluations.
 
