@@ -63,7 +63,7 @@ def train(make_schedule, monitor_probe=None, seed=0):
             optimizer.step()
         sched.step()                 # end of epoch: probe, maybe grow batch and lr
         if monitor is not None:
-            monitor.step(epoch, batch_size=sched.batch_size, lr=sched.lr)
+            monitor.step(epoch + 1, batch_size=sched.batch_size, lr=sched.lr)  # x: epochs done
     seconds = time.perf_counter() - start
     return sched, monitor, test_accuracy(model), seconds
 
@@ -108,11 +108,13 @@ for name, make in schedules.items():
 # %% [markdown]
 # FB takes the fewest steps but, with its lr scaled 32-fold, does not train; ABS and ABSA
 # need far fewer steps than BL (once the batch is large an epoch is a few steps) for a test
-# accuracy close to BL's. On a model this small the probes are a large share of ABS's time;
-# on a real network one probe costs a few gradients' worth against thousands of steps.
+# accuracy close to BL's. On a model this small the probes are a large share of ABS's time:
+# a probe is `lanczos_steps` Hessian-vector products on `probe_size` samples (each a small
+# multiple of a gradient on those samples), once per epoch, so its share falls as the
+# model and the epoch grow.
 #
 # ## What ABS saw
-# One record per check: the top eigenvalue with its error bound (the Lanczos residual), the
+# One record per check (here after each epoch): the top eigenvalue with its error bound (the Lanczos residual), the
 # reference it was compared with, and why the batch grew (`eigenvalue`: it halved;
 # `duration`: three checks without growth; `cap`: it would have grown past `max_batch_size`).
 
@@ -121,7 +123,7 @@ for name in ("ABS", "ABSA"):
     print(name)
     for h in results[name][0].history:
         ref = "" if h["reference"] is None else f"{h['reference']:.2f}"
-        print(f"  epoch {h['epoch']:>2}: eigenvalue {h['eigenvalue']:6.2f} ± {h['std_error']:.1e}"
+        print(f"  after epoch {h['epoch'] + 1:>2}: eigenvalue {h['eigenvalue']:6.2f} ± {h['std_error']:.1e}"
               f"  reference {ref:>6}  -> batch {h['batch_size']:>4}, lr {h['lr']:.3f}  {h['reason']}"
               + (f"  (adversarial share {h['adversarial_fraction']:.2f})" if name == "ABSA" else ""))
 
@@ -155,7 +157,7 @@ else:
         if "eigenvalue" in sched.history[0]:
             axes[0].plot(epochs, [h["eigenvalue"] for h in sched.history], **style)
         if monitor is not None:
-            axes[0].plot([r["epoch"] + 1 for r in monitor.history], [r["top_eigenvalue"] for r in monitor.history],
+            axes[0].plot([r["epoch"] for r in monitor.history], [r["top_eigenvalue"] for r in monitor.history],
                          **dict(style, marker="x", linestyle=":", label=f"{name} (monitor)"))
         axes[1].step(epochs, [h["batch_size"] for h in sched.history], where="post", **style)
         axes[2].step(epochs, [h["lr"] for h in sched.history], where="post", **style)
