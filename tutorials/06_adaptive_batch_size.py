@@ -111,11 +111,11 @@ for name, make in schedules.items():
 # accuracy close to BL's. On a model this small the probes are a large share of ABS's time:
 # a probe is `lanczos_steps` Hessian-vector products on `probe_size` samples (each a small
 # multiple of a gradient on those samples), once per epoch, so its share falls as the
-# model and the epoch grow.
+# training set (the work of an epoch) grows.
 #
 # ## What ABS saw
-# One record per check (here after each epoch): the top eigenvalue with its error bound (the Lanczos residual), the
-# reference it was compared with, and why the batch grew (`eigenvalue`: it halved;
+# One record per check (here after each epoch): the top eigenvalue with its error bound (the
+# Lanczos residual), the reference it was compared with, and why the batch grew (`eigenvalue`: it halved;
 # `duration`: three checks without growth; `cap`: it would have grown past `max_batch_size`).
 
 # %%
