@@ -50,7 +50,7 @@ from curvopt.schedule import AdaptiveBatchSize, FixedBatchSize, IncreaseBatchSiz
 from curvopt.schedule.fgsm import FGSM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import gradient_seconds  # noqa: E402
+from harness import gradient_seconds, with_threads  # noqa: E402
 
 MODELS = {"cnn1d": cnn1d, "mlp": mlp}
 SCHEDULES = ("BL", "FB", "GG", "ABS", "ABSA")
@@ -278,12 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.max_batches, args.seeds, args.epochs, args.batch = "32", 1, 2, 8
         args.train, args.test, args.micro_batch, args.warmup = 300, 200, 16, 1
         args.duration, args.probe_size, args.lanczos_steps = 1, 32, 3
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)  # a test calling main() gets its process back as it was
+    return with_threads(args.threads, run, args)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -128,3 +128,14 @@ def gradient_seconds(model_fn: Callable[[], nn.Module], data: Dataset, batch_siz
         nn.functional.cross_entropy(model(X), y).backward()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def with_threads(threads: int, run: Callable, *args) -> object:
+    """``run(*args)`` with ``threads`` torch threads, the previous count restored after (a test calling a
+    benchmark's ``main()`` gets its process back as it was)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run(*args)
+    finally:
+        torch.set_num_threads(before)

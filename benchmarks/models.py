@@ -39,7 +39,7 @@ from curvopt.data import mnist1d
 from curvopt.models import lstm, transformer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import TEST, select, split, train  # noqa: E402
+from harness import TEST, select, split, train, with_threads  # noqa: E402
 
 BACKENDS = ["hessian", "ggn", "fisher", "empirical_fisher", "kfac", "block_diagonal"]
 MODELS = {"transformer": transformer, "LSTM": lstm}
@@ -185,12 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.curvature_samples, args.batch, args.rounds, args.probes, args.pretrain = 24, 12, 1, 2, 0
         args.samples, args.configs, args.epochs = 400, 2, 0.25
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)  # a test calling main() gets its process back as it was
+    return with_threads(args.threads, run, args)
 
 
 def run(args: argparse.Namespace) -> dict:

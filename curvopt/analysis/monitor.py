@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from curvopt.analysis._data import checked_data, first_batch
+from curvopt.analysis.plots import _save
 from curvopt.analysis.spectrum import top_eigenvalues, trace
 from curvopt.curvature.model_state import curvature_pass
 from curvopt.curvature.registry import check_options, curvature_class
@@ -331,10 +332,4 @@ class CurvatureMonitor:
                     ax.set_yscale("log", base=2 if column == "batch_size" else 10)
             ax.set_ylabel(label)
         axes[-1, 0].set_xlabel("epoch")
-        axes[0, 0].set_title(title)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return _save(plt, fig, axes[0, 0], title, path)
