@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvopt.curvature.data_loop import batch_size, check_data, iterate_batches
+from curvopt.curvature.data_loop import check_data
 from curvopt.errors import EmptyDataError
 
 
@@ -25,15 +25,3 @@ def checked_data(data: Any, where: str) -> None:
         raise EmptyDataError(f"{where}: {e}") from None
     except TypeError as e:
         raise TypeError(f"{where}: {e}") from None
-
-
-def first_batch(data: Any, where: str) -> tuple[Any, Any]:
-    """The first batch of ``data`` that holds samples.
-
-    Raises:
-        EmptyDataError: naming ``where`` when every batch is empty (or there is none).
-    """
-    for X, y in iterate_batches(data):
-        if batch_size(X) > 0:
-            return X, y
-    raise EmptyDataError(f"{where}: the data holds no samples (no batch, or every batch is empty)")

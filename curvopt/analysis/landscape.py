@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from curvopt.analysis._data import checked_data, first_batch
+from curvopt.analysis._data import checked_data
 from curvopt.curvature.data_loop import accumulate, to_model
-from curvopt.curvature.losses import detect_reduction, loss_reduction, loss_terms
+from curvopt.curvature.losses import loss_terms, resolve_reduction
 from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.params import select_parameters
 from curvopt.errors import ShapeError
@@ -130,13 +130,11 @@ def loss_landscape(
             return loss_fn(functional_call(model, moved, args), y)
 
     with curvature_pass(model):
-        reduction = loss_reduction(loss_fn)
-        if reduction is None:  # a plain function: does it average or sum its samples?
-            X, y = first_batch(data, "loss_landscape(data=...)")
-            with torch.no_grad():
-                X, y = to_model(X, base[0]), to_model(y, base[0])
-                out = model(*(tuple(X) if isinstance(X, (tuple, list)) else (X,)))
-            reduction = detect_reduction(loss_fn, out, y)
+        def forward(X: Any, y: Any) -> tuple[torch.Tensor, Any]:
+            X = to_model(X, base[0])
+            return model(*(tuple(X) if isinstance(X, (tuple, list)) else (X,))), to_model(y, base[0])
+
+        reduction = resolve_reduction(loss_fn, None, data, forward, "loss_landscape(data=...)")
 
         def loss_at(shift: torch.Tensor) -> float:
             moved = {n: b + s.reshape(b.shape) for n, b, s in zip(names, base, shift.split(sizes))}

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvopt.analysis._data import checked_data, first_batch
+from curvopt.analysis._data import checked_data
 from curvopt.analysis.plots import _save
 from curvopt.analysis.spectrum import top_eigenvalues, trace
+from curvopt.curvature.data_loop import first_batch
 from curvopt.curvature.model_state import curvature_pass
 from curvopt.curvature.registry import check_options, curvature_class
 from curvopt.curvature.registry import curvature as build_curvature

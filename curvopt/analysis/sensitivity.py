@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from curvopt.analysis._data import checked_data, first_batch
+from curvopt.analysis._data import checked_data
 from curvopt.analysis.quantize import quantization_perturbation
 from curvopt.analysis.spectrum import _generator, top_eigenvalues
-from curvopt.curvature.data_loop import to_model
+from curvopt.curvature.data_loop import first_batch, to_model
 from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.registry import curvature as build_curvature
 from curvopt.linalg import trace_estimate

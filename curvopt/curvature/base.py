@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from curvopt.curvature.data_loop import accumulate, batch_size, check_data, iterate_batches, to_model
-from curvopt.curvature.losses import detect_reduction, loss_reduction, loss_terms
+from curvopt.curvature.data_loop import accumulate, batch_size, check_data, to_model
+from curvopt.curvature.losses import loss_reduction, loss_terms, resolve_reduction
 from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.params import (
     Block,
@@ -30,7 +30,7 @@ from curvopt.curvature.params import (
     select_parameters,
 )
 from curvopt.curvature.solve import KRYLOV_METHODS, krylov_solve
-from curvopt.errors import DenseSizeError, EmptyDataError, OptionError, ParameterError, ShapeError
+from curvopt.errors import DenseSizeError, OptionError, ParameterError, ShapeError
 
 TensorList = list[torch.Tensor]
 
@@ -136,18 +136,14 @@ class CurvatureOperator(ABC):
     @property
     def reduction(self) -> str:
         """``"mean"`` or ``"sum"``: how the loss combines samples, hence batches (see ``reduction=``)."""
-        if self._reduction is None:
-            self._reduction = self._detect_reduction()
-        return self._reduction
+        if self._reduction is None:  # a plain function: detected on the first batch
 
-    def _detect_reduction(self) -> str:
-        X, y = next(iter(iterate_batches(self.data)), (None, None))
-        if X is None:
-            raise EmptyDataError("data holds no batches")
-        X, y = self._to_model(X), self._to_model(y)
-        with curvature_pass(self.model), torch.no_grad():
-            out = self._forward(self._primal(), X, 0)
-        return detect_reduction(self.loss_fn, out, y)
+            def forward(X: Any, y: Any) -> tuple[torch.Tensor, Any]:
+                with curvature_pass(self.model):
+                    return self._forward(self._primal(), self._to_model(X), 0), self._to_model(y)
+
+            self._reduction = resolve_reduction(self.loss_fn, None, self.data, forward, type(self).__name__)
+        return self._reduction
 
     def _batch_weight(self, X: Any, y: Any, n: int) -> int:
         """Loss terms of a batch (its counted targets): batches are weighted by them."""

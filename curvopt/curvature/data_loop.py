@@ -93,6 +93,18 @@ def iterate_batches(data: Any) -> Iterator[Batch]:
         yield item[0], item[1]
 
 
+def first_batch(data: Any, where: str) -> tuple[Any, Any]:
+    """The first batch of ``data`` that holds samples.
+
+    Raises:
+        EmptyDataError: naming ``where`` when every batch is empty (or there is none).
+    """
+    for X, y in iterate_batches(data):
+        if batch_size(X) > 0:
+            return X, y
+    raise EmptyDataError(f"{where}: the data holds no samples (no batch, or every batch is empty)")
+
+
 def accumulate(
     product: BatchProduct,
     data: Any,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,6 +239,27 @@ def detect_reduction(loss_fn: Any, out: torch.Tensor, y: Any) -> str:
             f"batch twice over {twice:.6g}); {fix}")
     raise UnsupportedLossError(f"cannot tell the reduction of the loss {name} from a batch where it is "
                                f"{once}; {fix}")
+
+
+def resolve_reduction(loss_fn: Any, reduction: str | None, data: Any,
+                      forward: Callable[[Any, Any], tuple[torch.Tensor, Any]], where: str) -> str:
+    """:func:`loss_reduction`, and for a plain function that declares none, :func:`detect_reduction` on
+    the first batch of ``data`` that holds samples, ``forward(X, y) -> (outputs, targets)`` giving the
+    model's outputs (run without gradients).
+
+    Raises:
+        EmptyDataError: naming ``where`` when the data holds no samples.
+        UnsupportedLossError: see :func:`detect_reduction`.
+    """
+    declared = loss_reduction(loss_fn, reduction)
+    if declared is not None:
+        return declared
+    from curvopt.curvature.data_loop import first_batch
+
+    X, y = first_batch(data, where)
+    with torch.no_grad():
+        out, y = forward(X, y)
+    return detect_reduction(loss_fn, out, y)
 
 
 def loss_terms(loss_fn: Any, y: Any, n: int, reduction: str = "mean") -> float:

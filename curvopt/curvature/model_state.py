@@ -22,7 +22,7 @@ which makes the model twice differentiable with PyTorch's defaults and leaves no
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,8 +55,9 @@ def _no_mha_fastpath() -> Iterator[None]:
         mha.set_fastpath_enabled(before)
 
 
-def _devices(model: nn.Module) -> list[int]:
-    return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+def cuda_devices(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """Indices of the CUDA devices holding ``tensors`` (whose generators a pass must fork)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
 
 
 def train_mode_norms(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -93,7 +94,8 @@ def curvature_pass(model: nn.Module) -> Iterator[None]:
     # copy it is right, and eager and torch.func passes then draw the same mask
     hooks = [m.register_forward_pre_hook(_contiguous_input) for _, m in stochastic_modules(model)]
     try:
-        with torch.random.fork_rng(devices=_devices(model)), _attention_kernels(), _no_mha_fastpath():
+        devices = cuda_devices(model.parameters())
+        with torch.random.fork_rng(devices=devices), _attention_kernels(), _no_mha_fastpath():
             yield
     finally:
         for h in hooks:
@@ -118,7 +120,7 @@ def seed_batch(index: int, seed: int = 0) -> None:
 def rng_states(model: nn.Module) -> list[torch.Tensor]:
     """The states of the generators a forward pass of ``model`` may draw from (CPU and the model's
     CUDA devices): compared before and after a pass, they tell whether the model is stochastic."""
-    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in _devices(model))]
+    return [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in cuda_devices(model.parameters()))]
 
 
 def draws_random_numbers(model: nn.Module, forward: Any) -> bool:

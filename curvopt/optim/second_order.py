@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from curvopt.curvature.graph_hessian import GraphHessian
-from curvopt.curvature.model_state import curvature_pass, frozen_norm_statistics
+from curvopt.curvature.model_state import cuda_devices, curvature_pass, frozen_norm_statistics
 from curvopt.curvature.registry import available_curvatures, check_options, curvature, curvature_class
 from curvopt.errors import ClosureError, UnknownCurvatureError
 from curvopt.optim.closure import BatchClosure
@@ -167,8 +167,7 @@ class SecondOrderOptimizer(Optimizer, ABC):
     def _same_randomness(self, params: list[torch.Tensor]) -> Any:
         """The global generators forked and seeded with this step's seed: the step's loss, gradient
         and trial points see the same dropout masks, and the user's random stream is not advanced."""
-        devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=cuda_devices(params)):
             torch.manual_seed(getattr(self, "_step_seed", 0))
             yield
 
