@@ -68,3 +68,11 @@ class ConfigError(CurvoptError, ValueError):
 
 class DenseSizeError(CurvoptError, MemoryError):
     """A dense matrix (``to_dense()`` and other dense paths) that would not fit in memory."""
+
+
+class QuantizationError(CurvoptError, ValueError):
+    """A quantization request that cannot be carried out: bit widths, module names, scores, plans."""
+
+
+class BudgetError(QuantizationError):
+    """A size, BOPs or latency budget that no bit allocation meets; the message states the reachable range."""
