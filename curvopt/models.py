@@ -21,19 +21,45 @@ def mlp(widths: Sequence[int] = (40, 256, 256, 10), activation: type[nn.Module] 
     return nn.Sequential(*layers)
 
 
-def cnn1d(length: int = 40, channels: int = 32, classes: int = 10) -> nn.Sequential:
-    """A small Conv1d network for 1-D signals ``[N, length]`` (e.g. mnist1d).
+def cnn1d(length: int = 40, channels: int = 32, classes: int = 10, *, conv_layers: int = 2) -> nn.Sequential:
+    """A small Conv1d network for 1-D signals ``[N, length]`` (e.g. mnist1d) -> logits ``[N, classes]``.
 
-    Two 5-tap convolutions (the second with stride 2), ReLU, and a linear classifier.
+    ``conv_layers`` 5-tap convolutions of ``channels`` channels, each followed by ReLU, every second one
+    with stride 2 (the default two: stride 1 then 2), and a linear classifier on the flattened features.
+    ``conv_layers=5`` gives a deeper net with six quantizable layers (the quantization benchmark's).
+
+    Raises:
+        ShapeError: ``conv_layers < 1``.
     """
+    if conv_layers < 1:
+        raise ShapeError(f"cnn1d(conv_layers={conv_layers}): at least one convolution is needed")
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, length))]
+    n = length
+    for i in range(conv_layers):
+        stride = 2 if i % 2 else 1
+        layers += [nn.Conv1d(1 if i == 0 else channels, channels, 5, stride=stride, padding=2), nn.ReLU()]
+        if stride == 2:
+            n = (n + 1) // 2  # 5 taps, padding 2, stride 2: ceil(n / 2)
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * n, classes))
+
+
+def digits_cnn(classes: int = 10, *, channels: int = 16, hidden: int = 64) -> nn.Sequential:
+    """A Conv2d network for scikit-learn's 8x8 digits given as ``[N, 64]`` -> logits ``[N, classes]``.
+
+    Four 3x3 convolutions with ReLU (``channels``, ``channels``, then ``2 * channels`` at stride 2 down to
+    4x4, and ``2 * channels``), a hidden Linear layer of ``hidden`` units with ReLU and a linear classifier:
+    six quantizable layers.
+    """
+    c, c2 = channels, 2 * channels
     return nn.Sequential(
-        nn.Unflatten(1, (1, length)),
-        nn.Conv1d(1, channels, 5, padding=2),
-        nn.ReLU(),
-        nn.Conv1d(channels, channels, 5, stride=2, padding=2),
-        nn.ReLU(),
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, c, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c, c2, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(channels * ((length + 1) // 2), classes),
+        nn.Linear(c2 * 4 * 4, hidden), nn.ReLU(),
+        nn.Linear(hidden, classes),
     )
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from curvopt.errors import ShapeError
-from curvopt.models import lstm, transformer
+from curvopt.models import cnn1d, digits_cnn, lstm, transformer
 
 
 def transformer_parameters(length, classes, patch, d, layers, ff):
@@ -95,3 +95,47 @@ def test_transformer_train_and_eval_mode():
     plain.load_state_dict(model.state_dict())
     plain.train()
     torch.testing.assert_close(plain(x), e1, rtol=1e-5, atol=1e-5)
+
+
+def test_cnn1d_default_is_the_two_layer_network():
+    """``conv_layers`` left at its default builds today's network: same modules, same draws from the RNG."""
+    torch.manual_seed(0)
+    model = cnn1d()
+    torch.manual_seed(0)
+    by_hand = nn.Sequential(nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(),
+                            nn.Conv1d(32, 32, 5, stride=2, padding=2), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(32 * 20, 10))
+    assert str(model) == str(by_hand)
+    for (k, a), (_, b) in zip(model.state_dict().items(), by_hand.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
+@given(conv_layers=st.integers(1, 6), length=st.integers(1, 45), channels=st.integers(1, 4), n=st.integers(1, 3))
+def test_cnn1d_conv_layers_shapes_and_counts(conv_layers, length, channels, n):
+    model = cnn1d(length, channels, 3, conv_layers=conv_layers)
+    convs = [m for m in model if isinstance(m, nn.Conv1d)]
+    assert len(convs) == conv_layers
+    assert [c.stride[0] for c in convs] == [1 + i % 2 for i in range(conv_layers)]  # every second one halves
+    out_len = length
+    for _ in range(conv_layers // 2):
+        out_len = -(-out_len // 2)
+    assert model[-1].in_features == channels * out_len
+    assert model(torch.randn(n, length)).shape == (n, 3)
+
+
+def test_cnn1d_needs_a_convolution():
+    with pytest.raises(ShapeError, match="conv_layers=0"):
+        cnn1d(conv_layers=0)
+
+
+def test_digits_cnn_shapes_and_count():
+    torch.manual_seed(0)
+    model = digits_cnn()
+    weighted = [m for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weighted) == 6
+    c = 16
+    convs = (9 * c + c) + (9 * c * c + c) + (9 * c * 2 * c + 2 * c) + (9 * 4 * c * c + 2 * c)
+    assert sum(p.numel() for p in model.parameters()) == convs + (2 * c * 16 * 64 + 64) + (64 * 10 + 10)
+    assert model(torch.randn(5, 64)).shape == (5, 10)
+    small = digits_cnn(3, channels=2, hidden=4)
+    assert small(torch.randn(2, 64)).shape == (2, 3)
