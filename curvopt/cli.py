@@ -1,4 +1,4 @@
-"""Command line: ``curvopt analyze [--config FILE.toml]`` and ``curvopt train [--config FILE.toml]``.
+"""Command line: ``curvopt analyze | train | quantize [--config FILE.toml]``.
 
 With no config, ``analyze`` trains a small CNN on the embedded mnist1d data for a few
 epochs, then prints the top eigenvalues of the configured curvature (the Hessian by
@@ -15,6 +15,15 @@ from ``batch_size`` after a warm-up), ``"gg"`` (the batch grows at ``milestones`
 ``[train] epochs``). ``metrics.csv`` then also holds, per epoch, the optimizer steps so far
 (``iterations``), the ``batch_size`` and ``lr`` of the epoch's last step, and the
 ``top_eigenvalue`` of the schedule's last probe in the epoch (empty where it measures none).
+``quantize`` runs Hessian-aware mixed-precision quantization (HAWQ) end to end: a model (``[model]
+checkpoint``, or trained on the embedded data), the per-layer sensitivity once (``[sensitivity]``: any
+curvature backend and score, bit independent), then for each budget of ``[allocation]`` (``average_bits``
+or ``size_bytes``, one or several) the test loss and accuracy of FP32, uniform b-bit for every b in
+``bits``, the mixed-precision plan of the configured score at exactly the size of the uniform plan whose
+average is the budget (else at the budget), the mean and spread of ``random`` random allocations of that
+size, and the allocation of the ``measured`` score (the loss increase of each layer quantized alone). With
+``[finetune] epochs > 0`` each row is also evaluated after straight-through QAT, in separate columns. It
+prints the table and writes ``quantize.json`` and, with ``[output] plots``, ``pareto.png``.
 Every value of a config, and the checkpoint, is checked before any computation: bad
 configuration ends with a one-line error and exit status 2.
 """
@@ -69,6 +78,26 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "schedule": {"name": "none", "batch_size": 0, "max_batch_size": 0, "options": {}},
     "output": {"dir": "runs/train", "progress": True},
 }
+#: ``curvopt quantize``: a 5-layer MLP (the issue's pilot) that trains, is analysed and is quantized in
+#: well under a minute on two CPU cores.
+QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "model": {"arch": "mlp", "hidden": [128, 128, 128, 128], "checkpoint": "", "train_epochs": 10, "lr": 3e-3,
+              "seed": 0},
+    "data": {"dataset": "mnist1d", "batch_size": 500},
+    "loss": {"name": "cross_entropy"},
+    "sensitivity": {"curvature": "hessian", "score": "hawq_v2", "probes": 32, "method": "hutchpp",
+                    "samples": 1000, "seed": 0, "options": {}},
+    "quantizer": {"name": "symmetric", "activation_bits": 0, "options": {}},
+    "allocation": {"bits": [2, 3, 4, 8], "average_bits": [], "size_bytes": [], "method": "ilp", "fixed": {},
+                   "random": 20},
+    "finetune": {"epochs": 0, "lr": 1e-3, "batch_size": 128},
+    "output": {"dir": "runs/quantize", "plots": True, "progress": True},
+}
+#: The budget when ``[allocation]`` gives neither ``average_bits`` nor ``size_bytes``.
+DEFAULT_AVERAGE_BITS = 3.0
+ALLOCATION_METHODS = ("ilp", "pareto")
+#: ``[allocation] fixed`` names that stand for the first and the last quantizable module.
+FIXED_ALIASES = ("first", "last")
 ARCHS = ("cnn1d", "mlp", "transformer", "lstm")
 DATASETS = ("mnist1d", "digits")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
@@ -100,6 +129,14 @@ RANGES: dict[tuple[str, str], tuple[float, bool]] = {
     ("train", "epochs"): (1, True),
     ("schedule", "batch_size"): (0, True),  # 0: [data] batch_size
     ("schedule", "max_batch_size"): (0, True),  # 0: batch_size (required by fb, gg, abs, absa)
+    ("sensitivity", "probes"): (1, True),
+    ("sensitivity", "samples"): (1, True),
+    ("sensitivity", "seed"): (0, True),
+    ("quantizer", "activation_bits"): (0, True),  # 0: weights only
+    ("allocation", "random"): (0, True),
+    ("finetune", "epochs"): (0, True),  # 0: no fine-tuning
+    ("finetune", "lr"): (0, False),
+    ("finetune", "batch_size"): (1, True),
 }
 #: ``[schedule] options`` the command sets itself.
 SCHEDULE_RESERVED = ("epochs",)
@@ -130,6 +167,8 @@ def load_config(path: str | None, defaults: dict[str, dict[str, Any]] = DEFAULTS
             expected = type(defaults[section][key])
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if expected is list and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]  # one budget: average_bits = 3.0 means [3.0]
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ConfigError(
                     f"[{section}] {key} = {value!r} should be a {expected.__name__} in {path}"
@@ -137,6 +176,8 @@ def load_config(path: str | None, defaults: dict[str, dict[str, Any]] = DEFAULTS
             config[section][key] = value
     _check_choices(config)
     _check_ranges(config, path)
+    if "allocation" in config:
+        _check_quantize(config, path)
     reserved = sorted({"params", "progress"} & set(config.get("curvature", {}).get("options", {})))
     if reserved:
         raise ConfigError(f"[curvature] options in {path} may not set {', '.join(reserved)}: the command sets "
@@ -163,6 +204,13 @@ def _check_choices(config: dict[str, dict[str, Any]]) -> None:
     choices = [("model", "arch", ARCHS), ("data", "dataset", DATASETS), ("loss", "name", tuple(LOSSES)),
                ("curvature", "backend", tuple(available_curvatures())), ("optimizer", "name", tuple(OPTIMIZERS)),
                ("estimators", "trace_method", TRACE_METHODS), ("schedule", "name", available_schedules())]
+    if "sensitivity" in config:  # quantize configs; the registries are imported only for them
+        from curvopt.quant.quantizer import QUANTIZER_NAMES
+        from curvopt.quant.scores import SCORE_NAMES
+
+        choices += [("sensitivity", "curvature", tuple(available_curvatures())),
+                    ("sensitivity", "score", tuple(SCORE_NAMES)), ("sensitivity", "method", TRACE_METHODS),
+                    ("quantizer", "name", tuple(QUANTIZER_NAMES)), ("allocation", "method", ALLOCATION_METHODS)]
     for section, key, valid in choices:
         if section in config and config[section][key] not in valid:
             raise ConfigError(f"[{section}] {key} = {config[section][key]!r}; valid: {', '.join(valid)}")
@@ -176,7 +224,8 @@ def _dataset(config):
 
 def _model(config, features: int, classes: int) -> nn.Module:
     """The ``[model] arch`` network for inputs ``[N, features]``: the transformer and the LSTM
-    read the signal as a sequence of patches of 4 values (:func:`curvopt.models.transformer`)."""
+    read the signal as a sequence of patches of 4 values (:func:`curvopt.models.transformer`); the MLP
+    has the hidden widths ``[model] hidden`` (quantize configs; 128, 128 for the others)."""
     from curvopt.models import cnn1d, lstm, mlp, transformer
 
     torch.manual_seed(config["model"]["seed"])
@@ -187,7 +236,7 @@ def _model(config, features: int, classes: int) -> nn.Module:
         return transformer(features, classes)
     if arch == "lstm":
         return lstm(features, classes)
-    return mlp((features, 128, 128, classes))
+    return mlp((features, *config["model"].get("hidden", (128, 128)), classes))
 
 
 def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
@@ -329,6 +378,390 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
     (out / "analysis.json").write_text(json.dumps(result, indent=2))
     print(f"report: {out / 'analysis.json'}")
     return result
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_quantize(config: dict[str, dict[str, Any]], path: str) -> None:
+    """The ``quantize`` values that are not plain numbers (lists of bit widths and budgets, fixed layers, the
+    quantizer and its options, the sensitivity options), checked before the data is built. What needs the
+    model (fixed module names, size budgets, budgets with fixed layers) is checked by :func:`_budgets`."""
+    from curvopt.quant.plan import MAX_BITS, MIN_BITS
+
+    hidden = config["model"]["hidden"]
+    if not hidden or not all(_is_int(h) and h >= 1 for h in hidden):
+        raise ConfigError(f"[model] hidden = {hidden!r} in {path}; it must be a non-empty list of positive "
+                          f"integers (the MLP's hidden widths, e.g. [128, 128])")
+    a = config["allocation"]
+    width = f"an integer in [{MIN_BITS}, {MAX_BITS}]"
+    bits = a["bits"]
+    if not bits or not all(_is_int(b) and MIN_BITS <= b <= MAX_BITS for b in bits):
+        raise ConfigError(f"[allocation] bits = {bits!r} in {path}; each must be {width}, "
+                          f"e.g. bits = [2, 3, 4, 8]")
+    if len(set(bits)) != len(bits):
+        raise ConfigError(f"[allocation] bits = {bits!r} in {path} lists a width twice; list each once")
+    for key in ("average_bits", "size_bytes"):
+        bad = [v for v in a[key] if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v <= 0]
+        if bad:
+            raise ConfigError(f"[allocation] {key} = {a[key]!r} in {path}; each budget must be a finite "
+                              f"number > 0")
+    if a["average_bits"] and a["size_bytes"]:
+        raise ConfigError(f"[allocation] gives both average_bits and size_bytes in {path}; a budget is one or the "
+                          f"other: drop one of them")
+    low = min(bits)
+    small = [v for v in a["average_bits"] if v < low]
+    if small:
+        raise ConfigError(f"[allocation] average_bits = {small[0]!r} in {path} is below the smallest model, "
+                          f"every module at min(bits) = {low} bits: raise it to >= {low} or add a narrower "
+                          f"width to bits")
+    a["average_bits"] = [float(v) for v in a["average_bits"]]
+    for name, b in a["fixed"].items():
+        if not _is_int(b) or not MIN_BITS <= b <= MAX_BITS:
+            raise ConfigError(f"[allocation] fixed = {{ {name} = {b!r} }} in {path}; the bits must be {width}")
+    act = config["quantizer"]["activation_bits"]
+    if act and not MIN_BITS <= act <= MAX_BITS:
+        raise ConfigError(f"[quantizer] activation_bits = {act} in {path}; 0 (weights only) or {width}")
+    _make_quantizer(config)  # its options, on no data
+    reserved = sorted(set(config["sensitivity"]["options"]) & _sensitivity_keywords())
+    if reserved:
+        raise ConfigError(f"[sensitivity] options in {path} may not set {', '.join(reserved)}: the command sets "
+                          f"them (from [sensitivity], [quantizer], [allocation] bits and [output] progress)")
+
+
+def _sensitivity_keywords() -> set[str]:
+    """The keywords of :func:`curvopt.sensitivity` that the command sets (the rest are backend options)."""
+    import curvopt
+
+    names = set(inspect.signature(curvopt.sensitivity).parameters) - {"model", "loader", "loss_fn", "options"}
+    return names | {"params"}
+
+
+def _make_quantizer(config: dict[str, dict[str, Any]]) -> Any:
+    """The ``[quantizer]`` of ``config``; bad options are a :class:`ConfigError` naming them."""
+    from curvopt.quant.quantizer import make_quantizer
+
+    name, options = config["quantizer"]["name"], config["quantizer"]["options"]
+    try:
+        return make_quantizer(name, **options)
+    except (CurvoptError, TypeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"[quantizer] {name} with options = {options!r}: {first}") from e
+
+
+def _fixed_bits(config: dict[str, dict[str, Any]], names: list[str]) -> dict[str, int]:
+    """``[allocation] fixed`` with ``first``/``last`` replaced by the first/last of the quantizable ``names``.
+
+    Raises:
+        ConfigError: a name that is not a quantizable module, or one module fixed at two widths.
+    """
+    fixed: dict[str, int] = {}
+    for key, bits in config["allocation"]["fixed"].items():
+        name = key
+        if key in FIXED_ALIASES and key not in names:
+            name = names[0] if key == "first" else names[-1]
+        elif key not in names:
+            raise ConfigError(f"[allocation] fixed names {key!r}, not a quantizable module of the "
+                              f"{config['model']['arch']}; quantizable modules: {', '.join(names)} "
+                              f"(or first, last)")
+        if fixed.get(name, bits) != bits:
+            raise ConfigError(f"[allocation] fixed sets module {name!r} to both {fixed[name]} and {bits} bits "
+                              f"({key!r}); keep one")
+        fixed[name] = bits
+    return fixed
+
+
+def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[str, int]) -> list[dict[str, Any]]:
+    """Each ``[allocation]`` budget: its label, the :func:`~curvopt.quant.allocate_bits` keyword that sets it,
+    the uniform width of exactly that size (``None`` if no uniform plan has it) and its size in bits.
+
+    A budget equal to a uniform plan's average (or size) becomes that plan's exact ``size_bytes``, so that
+    mixed and uniform precision are compared at equal size. Every budget is tried once with all-zero scores
+    (an integer program over a few layers: no data, no model pass), so that a budget no allocation meets, or
+    fixed layers that do not fit it, fail before any computation.
+
+    Raises:
+        ConfigError: with the allocator's message (the reachable minimum) under ``[allocation]``.
+    """
+    from curvopt.errors import QuantizationError
+    from curvopt.quant.allocate import allocate_bits, uniform_plan
+
+    a = config["allocation"]
+    bits = sorted(a["bits"])
+    uniform = {b: uniform_plan(model, b) for b in bits}
+    budgets = []
+    if a["size_bytes"]:
+        for size in a["size_bytes"]:
+            match = next((b for b, p in uniform.items() if p.size_bytes == size), None)
+            budgets.append({"label": f"{size:g} B", "size_bytes": float(size), "average_bits": None,
+                            "uniform_bits": match})
+    else:
+        for avg in a["average_bits"] or [DEFAULT_AVERAGE_BITS]:
+            match = int(avg) if avg == int(avg) and int(avg) in bits else None
+            budgets.append({"label": f"{avg:g}-bit avg", "size_bytes": None, "average_bits": avg,
+                            "uniform_bits": match})
+    weights = uniform[bits[0]].size_bits // bits[0]  # quantized weights in all
+    zeros = {name: dict.fromkeys(sorted(set(bits) | set(fixed.values())), 0.0) for name in uniform[bits[0]].bits}
+    for budget in budgets:
+        match = budget["uniform_bits"]
+        if match is not None:  # exactly the uniform plan's size, whatever the allocator's rounding of averages
+            budget["kwargs"] = {"size_bytes": uniform[match].size_bytes}
+        elif budget["size_bytes"] is not None:
+            budget["kwargs"] = {"size_bytes": budget["size_bytes"]}
+        else:
+            budget["kwargs"] = {"average_bits": budget["average_bits"]}
+        try:
+            allocate_bits(model, zeros, bits=bits, method=a["method"], fixed=fixed or None,
+                                 **budget["kwargs"])
+        except QuantizationError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"[allocation] budget {budget['label']}: {first}") from e
+        # the size random allocations get: the uniform plan's, else the budget's own
+        budget["size_bits"] = (uniform[match].size_bits if match is not None else
+                               math.floor(budget["size_bytes"] * 8) if budget["size_bytes"] is not None else
+                               math.floor(budget["average_bits"] * weights))
+    return budgets
+
+
+def _objective(table: dict[str, dict[int, float]], bits: dict[str, int]) -> float:
+    """The summed score of the plan ``bits`` (the predicted loss increase of the score's table)."""
+    return float(sum(table[name][b] for name, b in bits.items()))
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[str, Any]:
+    """Sensitivity, bit allocation and quantized evaluation described by ``config`` (``curvopt quantize``).
+
+    Prints the table (FP32, uniform b-bit, then per budget the mixed-precision plan, random plans of the same
+    size and the ``measured``-score plan; test loss and accuracy, weight size in bytes, average bits,
+    compression against FP32 weights) and writes ``quantize.json`` (and ``pareto.png``). Returns what
+    ``quantize.json`` holds.
+    """
+    import curvopt
+    from curvopt.curvature import curvature
+    from curvopt.quant.allocate import allocate_bits, random_plans, uniform_plan
+    from curvopt.quant.fake import fake_quantized
+    from curvopt.quant.plan import quantizable_modules
+
+    m, s, a, ft, outcfg = (config[k] for k in ("model", "sensitivity", "allocation", "finetune", "output"))
+    progress = bool(outcfg["progress"])
+    out = Path(out or outcfg["dir"])
+    quantizer = _make_quantizer(config)
+    ckpt = m["checkpoint"]
+    state = _read_checkpoint(ckpt) if ckpt else None  # a wrong file fails before the data is built
+    data = _dataset(config)
+    model = _model(config, data.X_train.shape[1], data.num_classes)
+    if state is not None:
+        _load_checkpoint(model, state, ckpt, m["arch"])
+    loss_fn = LOSSES[config["loss"]["name"]]()
+    n = min(s["samples"], data.X_train.shape[0])
+    batch_size = config["data"]["batch_size"]
+    calibration = list(zip(data.X_train[:n].split(batch_size), data.y_train[:n].split(batch_size)))
+    names = list(quantizable_modules(model))
+    # Everything that can be checked before the computation is: fixed layers and budgets against the
+    # model's sizes, and the backend options (building an operator runs no pass).
+    fixed = _fixed_bits(config, names)
+    budgets = _budgets(config, model, fixed)
+    options = dict(s["options"])
+    with warnings.catch_warnings():  # the real passes below warn once
+        warnings.simplefilter("ignore")
+        curvature(s["curvature"], model, loss_fn, calibration, **options)
+    t0 = time.perf_counter()
+    if not ckpt:
+        _train(model, data, loss_fn, config, progress)
+    model.eval()
+    X, y = data.X_test, data.y_test
+    bits = sorted(a["bits"])
+    table_bits = sorted(set(bits) | set(fixed.values()))
+    weights = uniform_plan(model, bits[0]).size_bits // bits[0]
+    fp32_loss, fp32_acc = _evaluate(model, X, y, loss_fn)
+    print(f"model: {m['arch']} ({sum(p.numel() for p in model.parameters())} parameters; {len(names)} quantizable "
+          f"modules, {weights} weights), {'loaded' if ckpt else 'trained'} in {time.perf_counter() - t0:.1f}s; "
+          f"test acc {fp32_acc:.3f}")
+
+    act = config["quantizer"]["activation_bits"]
+    act_kwargs = {"activation_bits": act, "calibration": calibration} if act else {}
+    finetune_loader = data.loader(ft["batch_size"], shuffle=True, seed=m["seed"]) if ft["epochs"] else None
+
+    def evaluate(plan_bits: dict[str, int]) -> dict[str, float]:
+        with fake_quantized(model, plan_bits, quantizer, **act_kwargs):
+            loss, acc = _evaluate(model, X, y, loss_fn)
+        result = {"loss": loss, "accuracy": acc}
+        if ft["epochs"]:  # QAT on a copy: the PTQ rows and the next plans start from the same weights
+            from curvopt.quant.finetune import finetune
+
+            tuned = copy.deepcopy(model)
+            finetune(tuned, plan_bits, finetune_loader, loss_fn, epochs=ft["epochs"], lr=ft["lr"],
+                     quantizer=quantizer, seed=m["seed"])
+            tuned.eval()
+            with fake_quantized(tuned, plan_bits, quantizer, **act_kwargs):
+                result["qat_loss"], result["qat_accuracy"] = _evaluate(tuned, X, y, loss_fn)
+        return result
+
+    t0 = time.perf_counter()
+    bar = f"{s['score']} sensitivity" if progress else False
+    common = dict(curvature=s["curvature"], probes=s["probes"], method=s["method"], quantizer=quantizer,
+                  measured_bits=tuple(table_bits), seed=s["seed"], **options)
+    report = curvopt.sensitivity(model, calibration, loss_fn, score=s["score"], progress=bar, **common)
+    table = report.score_table(model, table_bits, quantizer)
+    if s["score"] == "measured":
+        measured, measured_table = report, table
+    else:
+        measured = curvopt.sensitivity(model, calibration, loss_fn, score="measured",
+                                       progress="measured sensitivity" if progress else False, **common)
+        measured_table = measured.score_table(model, table_bits, quantizer)
+    print(f"sensitivity: {s['score']} ({s['curvature']}, {s['probes']} probes) and measured on {n} calibration "
+          f"samples in {time.perf_counter() - t0:.1f}s")
+    print(report.table())
+
+    def row(method: str, plan_bits: dict[str, int], size_bits: int, budget: str = "") -> dict[str, Any]:
+        return {"method": method, "budget": budget, "bits": dict(plan_bits), "size_bits": int(size_bits),
+                "size_bytes": size_bits / 8, "average_bits": size_bits / weights,
+                "compression": 32 * weights / size_bits,
+                "objective": _objective(table, plan_bits), **evaluate(plan_bits)}
+
+    fp32 = {"method": "fp32", "budget": "", "bits": {}, "size_bits": 32 * weights, "size_bytes": 4 * weights,
+            "average_bits": 32.0, "compression": 1.0, "objective": 0.0, "loss": fp32_loss, "accuracy": fp32_acc}
+    uniform_rows = []
+    for b in bits:
+        plan = uniform_plan(model, b)
+        uniform_rows.append(row(f"uniform {b}-bit", plan.bits, plan.size_bits))
+    results = []
+    for budget in budgets:
+        kwargs = dict(bits=bits, method=a["method"], fixed=fixed or None, **budget["kwargs"])
+        plan = allocate_bits(model, table, quantizer=quantizer, **kwargs)
+        mixed = row(f"{s['score']} ({a['method']})", plan.bits, plan.size_bits, budget["label"])
+        mixed["plan"] = plan.to_dict()
+        mplan = plan if measured is report else allocate_bits(model, measured_table, quantizer=quantizer, **kwargs)
+        measured_row = row(f"measured ({a['method']})", mplan.bits, mplan.size_bits, budget["label"])
+        measured_row["plan"] = mplan.to_dict()
+        randoms = [row("random", p.bits, p.size_bits, budget["label"])
+                   for p in (random_plans(model, bits, budget["size_bits"], a["random"], seed=m["seed"])
+                             if a["random"] else [])]
+        summary: dict[str, Any] = {"n": len(randoms), "rows": randoms}
+        for key in ("loss", "accuracy", "qat_loss", "qat_accuracy", "size_bytes", "objective"):
+            if randoms and key in randoms[0]:
+                summary[f"{key}_mean"], summary[f"{key}_std"] = _stats([r[key] for r in randoms])
+        results.append({"budget": budget["label"], "average_bits": budget["average_bits"],
+                        "size_bytes": budget["kwargs"].get("size_bytes", budget["size_bytes"]),
+                        "size_bits": budget["size_bits"], "uniform_bits": budget["uniform_bits"], "mixed": mixed,
+                        "random": summary, "measured": measured_row, "pareto": _pareto_points(plan)})
+    quantizable = {name: int(mod.weight.numel()) for name, mod in quantizable_modules(model).items()}
+    result = {"model": {"arch": m["arch"], "checkpoint": ckpt or None,
+                        "parameters": sum(p.numel() for p in model.parameters()), "quantizable": quantizable,
+                        "weights": weights},
+              "score": s["score"], "curvature": s["curvature"], "calibration_samples": n, "fixed": fixed,
+              "sensitivity": report.to_dict(), "score_table": _plain_table(table),
+              "measured_table": _plain_table(measured_table), "fp32": fp32, "uniform": uniform_rows,
+              "budgets": results, "finetune_epochs": ft["epochs"], "config": config}
+    print(_quantize_table(result))
+    out.mkdir(parents=True, exist_ok=True)
+    if outcfg["plots"]:
+        frontier = results[0]["pareto"]
+        if len(frontier) > 40:  # evaluating every point of a long frontier costs more than the plot shows
+            step = (len(frontier) - 1) / 39
+            frontier = [frontier[round(i * step)] for i in range(40)]
+        for point in frontier:
+            with fake_quantized(model, point["bits"], quantizer, **act_kwargs):
+                point["loss"], point["accuracy"] = _evaluate(model, X, y, loss_fn)
+        result["plots"] = [str(_plot_pareto(result, frontier, out / "pareto.png"))]
+        print("plots: " + ", ".join(result["plots"]))
+    (out / "quantize.json").write_text(json.dumps(result, indent=2))
+    print(f"report: {out / 'quantize.json'}")
+    return result
+
+
+def _pareto_points(plan: Any) -> list[dict[str, Any]]:
+    """``plan.pareto`` as plain data: ``size_bytes``, ``objective`` and ``bits`` of each point, by size."""
+    points = []
+    for p in getattr(plan, "pareto", None) or []:
+        get = p.get if isinstance(p, dict) else lambda k, p=p: getattr(p, k)
+        points.append({"size_bytes": float(get("size_bytes")), "objective": float(get("objective")),
+                       "bits": {str(k): int(v) for k, v in dict(get("bits")).items()}})
+    return sorted(points, key=lambda p: p["size_bytes"])
+
+
+def _plain_table(table: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    return {name: {str(b): float(v) for b, v in row.items()} for name, row in table.items()}
+
+
+def _quantize_table(result: dict[str, Any]) -> str:
+    """The printed table: one row per method and budget; random plans as mean ± std; QAT columns apart."""
+    qat = result["finetune_epochs"] > 0
+    cols = ["method", "budget", "w-bits", "size (B)", "compr.", "pred. dloss", "test loss", "test acc"]
+    if qat:
+        cols += [f"QAT loss ({result['finetune_epochs']} ep)", "QAT acc"]
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        line = [r["method"], r["budget"] or "-", f"{r['average_bits']:.2f}", f"{r['size_bytes']:,.0f}",
+                f"{r['compression']:.1f}x", f"{r['objective']:.4g}", f"{r['loss']:.4f}", f"{r['accuracy']:.4f}"]
+        if qat:
+            line += [f"{r['qat_loss']:.4f}", f"{r['qat_accuracy']:.4f}"] if "qat_loss" in r else ["-", "-"]
+        return line
+
+    rows = [cells(result["fp32"])] + [cells(r) for r in result["uniform"]]
+    for b in result["budgets"]:
+        rows.append(cells(b["mixed"]))
+        rand = b["random"]
+        if rand["n"]:
+            first = rand["rows"][0]
+            line = [f"random (n={rand['n']})", b["budget"], f"{first['average_bits']:.2f}",
+                    f"{rand['size_bytes_mean']:,.0f}", f"{first['compression']:.1f}x",
+                    f"{rand['objective_mean']:.4g} ± {rand['objective_std']:.2g}",
+                    f"{rand['loss_mean']:.4f} ± {rand['loss_std']:.4f}",
+                    f"{rand['accuracy_mean']:.4f} ± {rand['accuracy_std']:.4f}"]
+            if qat:
+                line += [f"{rand['qat_loss_mean']:.4f} ± {rand['qat_loss_std']:.4f}",
+                         f"{rand['qat_accuracy_mean']:.4f} ± {rand['qat_accuracy_std']:.4f}"]
+            rows.append(line)
+        rows.append(cells(b["measured"]))
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+    fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    head = (f"quantized {result['model']['arch']}: weights of {len(result['model']['quantizable'])} modules "
+            f"({result['model']['weights']} weights; size and compression count them only); "
+            f"pred. dloss = summed {result['score']} score")
+    return "\n".join([head, fmt(cols), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
+def _plot_pareto(result: dict[str, Any], frontier: list[dict[str, Any]], path: Path) -> Path:
+    """``pareto.png``: the predicted loss increase (left) and the test accuracy (right) against the weights'
+    size: the frontier of the mixed-precision allocations, uniform plans, random plans, the chosen plans."""
+    from curvopt.analysis.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    kib = 1 / 1024
+    for ax, key in ((left, "objective"), (right, "accuracy")):
+        if frontier and key in frontier[0]:
+            ax.plot([p["size_bytes"] * kib for p in frontier], [p[key] for p in frontier], "-", color="C0",
+                    lw=1, label="Pareto frontier")
+        ax.plot([r["size_bytes"] * kib for r in result["uniform"]], [r[key] for r in result["uniform"]], "s",
+                color="C1", label="uniform")
+        for b in result["uniform"]:
+            ax.annotate(b["method"].split()[1], (b["size_bytes"] * kib, b[key]), fontsize=7)
+        randoms = [r for b in result["budgets"] for r in b["random"]["rows"]]
+        if randoms:
+            ax.plot([r["size_bytes"] * kib for r in randoms], [r[key] for r in randoms], ".", color="0.6",
+                    label="random")
+        ax.plot([b["measured"]["size_bytes"] * kib for b in result["budgets"]],
+                [b["measured"][key] for b in result["budgets"]], "^", color="C2", label="measured")
+        ax.plot([b["mixed"]["size_bytes"] * kib for b in result["budgets"]],
+                [b["mixed"][key] for b in result["budgets"]], "*", color="C3", ms=12, label=result["score"])
+        ax.set_xlabel("weights (KiB)")
+    left.set_ylabel(f"predicted loss increase (summed {result['score']})")
+    left.set_yscale("symlog", linthresh=1e-4)
+    right.axhline(result["fp32"]["accuracy"], color="k", ls=":", lw=1, label="fp32")
+    right.set_ylabel("test accuracy")
+    right.legend(fontsize=7)
+    left.set_title(f"{result['score']} ({result['curvature']}) mixed precision")
+    return _save(plt, fig, right, "test accuracy against size", path)
 
 
 def _optimizer(config: dict[str, dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
@@ -536,7 +969,8 @@ def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="curvopt", description="curvature analysis and second-order training")
+    parser = argparse.ArgumentParser(prog="curvopt", description="curvature analysis, second-order training and "
+                                                                  "Hessian-aware quantization")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("analyze", help="spectrum, trace and per-layer sensitivity of a trained network")
     p.add_argument("--config", help="TOML file (model/checkpoint, data, loss, curvature backend, budgets)")
@@ -546,11 +980,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--config", help="TOML file (model, data, optimizer and its options, epochs, batch-size "
                                     "schedule)")
     t.add_argument("--out", help="output folder (default: [output] dir)")
+    q = sub.add_parser("quantize", help="Hessian-aware mixed-precision quantization (HAWQ): sensitivity, bit "
+                                        "allocation, and mixed vs uniform vs random precision at equal size",
+                       description="Per-layer sensitivity (any curvature backend and score), bit allocation at "
+                                   "one or several budgets (integer program or Pareto frontier), and the test "
+                                   "accuracy of FP32, uniform b-bit, mixed precision at exactly the uniform "
+                                   "plan's size, random allocations of that size and the measured-loss "
+                                   "allocation, with optional straight-through QAT reported apart. Writes "
+                                   "quantize.json and pareto.png.")
+    q.add_argument("--config", help="TOML file ([model], [data], [sensitivity] score/curvature/probes, "
+                                    "[quantizer], [allocation] bits/average_bits/size_bytes/method/fixed/random, "
+                                    "[finetune], [output])")
+    q.add_argument("--out", help="output folder (default: [output] dir)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else None
     try:
         if args.command == "train":
             train(load_config(args.config, TRAIN_DEFAULTS), out)
+        elif args.command == "quantize":
+            quantize(load_config(args.config, QUANTIZE_DEFAULTS), out)
         else:
             analyze(load_config(args.config), out)
     except (CurvoptError, OSError) as e:
