@@ -199,9 +199,8 @@ def _row_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     pos = q * (s.shape[-1] - 1)
     i = int(pos)
     frac = pos - i
-    lower = s[..., i:i + 1]
-    upper = s[..., min(i + 1, s.shape[-1] - 1):min(i + 1, s.shape[-1] - 1) + 1]
-    return lower + frac * (upper - lower)
+    j = min(i + 1, s.shape[-1] - 1)
+    return torch.lerp(s[..., i:i + 1], s[..., j:j + 1], frac)
 
 
 def make_quantizer(name: str, **options: Any) -> Quantizer:
