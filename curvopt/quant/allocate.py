@@ -292,10 +292,17 @@ def _size_budget(average_bits: Any, size_bytes: Any, total: int) -> tuple[int | 
     if average_bits is not None and size_bytes is not None:
         raise OptionError("give one size budget: average_bits= or size_bytes=, not both")
     if average_bits is not None:
-        return math.floor(_fraction(average_bits, "average_bits") * total), "average_bits"
+        return _floor(_fraction(average_bits, "average_bits") * total), "average_bits"
     if size_bytes is not None:
-        return math.floor(_fraction(size_bytes, "size_bytes") * 8), "size_bytes"
+        return _floor(_fraction(size_bytes, "size_bytes") * 8), "size_bytes"
     return None, None
+
+
+def _floor(v: Fraction) -> int:
+    """The budget in whole bits. Within 1e-9 of an integer counts as that integer, so that a budget read off a
+    plan (``average_bits=plan.average_bits``, rounded in floating point) allows that plan's size again."""
+    r = round(v)
+    return r if abs(v - r) <= 1e-9 * max(1, abs(v)) else math.floor(v)
 
 
 def _size_budget_error(unit: str, given: Any, lo: int, hi: int, total: int) -> BudgetError:
@@ -398,12 +405,14 @@ def _milp(groups: list[_Group], rows: list[tuple[list[np.ndarray], float, str]])
         constraints.append(LinearConstraint(a[None, :], -np.inf, ub))
     res = milp(c, integrality=np.ones(nvar), bounds=Bounds(0, 1), constraints=constraints,
                options={"mip_rel_gap": 0.0})
-    if res.status == 2:
+    if res.status == 2 and len(rows) > 1:
         raise BudgetError("no allocation meets " + " and ".join(r[2] for r in rows) + " together (each alone is "
                           "reachable); loosen one of them")
     if res.x is None or res.status != 0:
-        raise QuantizationError(f"scipy.optimize.milp found no optimal allocation: {res.message} (status "
-                                f"{res.status}); try method='pareto' for a size budget")
+        # One budget alone was checked reachable above, so this is the solver's failure, not the user's budget.
+        raise QuantizationError(f"scipy.optimize.milp found no optimal allocation although one within budget "
+                                f"exists: {res.message} (status {res.status}); try method='pareto' for a size "
+                                "budget")
     x = np.round(res.x).astype(int)
     for k, gi in enumerate(free):
         block = x[offsets[k]:offsets[k + 1]]
