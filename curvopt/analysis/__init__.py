@@ -2,7 +2,6 @@
 
 from curvopt.analysis.landscape import Landscape, loss_landscape, random_direction
 from curvopt.analysis.monitor import CurvatureMonitor
-from curvopt.analysis.quantize import quantization_perturbation, quantize_symmetric
 from curvopt.analysis.sensitivity import LayerSensitivity, SensitivityReport, sensitivity
 from curvopt.analysis.spectrum import spectral_density, top_eigenvalues, trace
 
@@ -12,8 +11,6 @@ __all__ = [
     "LayerSensitivity",
     "SensitivityReport",
     "loss_landscape",
-    "quantization_perturbation",
-    "quantize_symmetric",
     "random_direction",
     "sensitivity",
     "spectral_density",

@@ -9,7 +9,8 @@ from hypothesis import given
 from torch import nn
 
 import curvopt
-from curvopt.analysis import quantize_symmetric
+from curvopt.errors import QuantizationError
+from curvopt.quant import Quantizer
 from curvopt_tests.problems import dense_hessian, problems
 
 
@@ -95,7 +96,11 @@ def test_sensitivity_with_frozen_and_unused_layers_restores_modes():
     exact = float(ref.to_dense().trace())
     assert abs(head.trace - exact) <= 4 * head.trace_se + 1e-9
     assert math.isclose(head.avg_trace, head.trace / 21)
-    assert math.isclose(head.hawq_score, head.avg_trace * head.perturbation)
+    # the score's block is the weight alone (only the weight is quantized): exact weight-block trace
+    ref_w = curvopt.curvature("hessian", model, nn.CrossEntropyLoss(), (X, y), params=["head.weight"])
+    assert abs(head.weight_trace - float(ref_w.to_dense().trace())) <= 4 * head.weight_trace_se + 1e-9
+    assert math.isclose(head.weight_avg_trace, head.weight_trace / 18)
+    assert math.isclose(head.hawq_score, head.weight_avg_trace * head.perturbation)
     d = report.to_dict()
     assert d["layers"]["unused"]["status"] == "unused" and d["ranking"] == ["head"]
     text = str(report)
@@ -112,6 +117,7 @@ def test_sensitivity_top_eigenvalue_per_layer():
 
 def test_quantize_symmetric_per_channel():
     w = torch.randn(5, 7, dtype=torch.float64)
+    quantize_symmetric = Quantizer(clipping="minmax").quantize
     for bits in (2, 4, 8):
         q = quantize_symmetric(w, bits)
         levels = 2 ** (bits - 1) - 1
@@ -119,7 +125,7 @@ def test_quantize_symmetric_per_channel():
         assert ((q - w).abs() <= scale / 2 + 1e-12).all()
         assert (torch.round(q / scale).abs() <= levels).all()
         torch.testing.assert_close(q.abs().amax(1), w.abs().amax(1))  # channel max is a level
-    with pytest.raises(ValueError, match="bits"):
+    with pytest.raises(QuantizationError, match="bits"):  # a ValueError
         quantize_symmetric(w, 1)
 
 
