@@ -42,7 +42,8 @@ def fake_quantize_activation(x: torch.Tensor, lo: float, hi: float, bits: int) -
 def calibrate_input_ranges(model: nn.Module, modules: Mapping[str, nn.Module], calibration: Any,
                            where: str) -> dict[str, tuple[float, float]]:
     """``{name: (min, max)}`` of the floating-point input of each module in ``modules`` over the
-    batches of ``calibration`` (an ``(X, y)`` pair or an iterable of them; ``y`` is not used),
+    batches of ``calibration`` (an ``(X, y)`` pair, an iterable of them, or a tensor ``X`` of inputs;
+    ``y`` is not used),
     with the model in eval mode and without gradients. Modes, buffers and the global random
     state are left as found. Modules whose input is not floating point (an embedding's indices)
     or that never ran are left out, with a warning naming them.
@@ -62,7 +63,10 @@ def calibrate_input_ranges(model: nn.Module, modules: Mapping[str, nn.Module], c
                 ranges[name] = [lo, hi]
         return hook
 
-    batches = [calibration] if is_single_batch(calibration) else calibration
+    if isinstance(calibration, torch.Tensor):
+        calibration = (calibration, None)
+    batches = [calibration] if isinstance(calibration, tuple) and len(calibration) == 2 and (
+        is_single_batch(calibration) or calibration[1] is None) else calibration
     ref = next(model.parameters())
     handles = [m.register_forward_pre_hook(record(n)) for n, m in modules.items()]
     samples = 0

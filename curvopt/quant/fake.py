@@ -77,7 +77,8 @@ def fake_quantized(model: nn.Module, plan: Any, quantizer: Quantizer | None = No
         quantizer: Default ``Quantizer()`` (symmetric, per output channel, MSE clipping); anything
             with ``quantize(weight, bits)``.
         activation_bits: 2-8 bits for the planned modules' inputs; ``None``: full precision.
-        calibration: An ``(X, y)`` batch or an iterable of them; required with ``activation_bits``.
+        calibration: An ``(X, y)`` batch, an iterable of them or a tensor ``X`` of inputs; required
+            with ``activation_bits``.
 
     Raises:
         QuantizationError: for a bad plan (unknown module, bits outside 2..8), ``activation_bits``
