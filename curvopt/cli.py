@@ -85,7 +85,7 @@ QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {
               "seed": 0},
     "data": {"dataset": "mnist1d", "batch_size": 500},
     "loss": {"name": "cross_entropy"},
-    "sensitivity": {"curvature": "hessian", "score": "hawq_v2", "probes": 32, "method": "hutchpp",
+    "sensitivity": {"curvature": "", "score": "hawq_v2", "probes": 32, "method": "hutchpp",
                     "samples": 1000, "seed": 0, "options": {}},
     "quantizer": {"name": "symmetric", "activation_bits": 0, "options": {}},
     "allocation": {"bits": [2, 3, 4, 8], "average_bits": [], "size_bytes": [], "method": "ilp", "fixed": {},
@@ -208,8 +208,7 @@ def _check_choices(config: dict[str, dict[str, Any]]) -> None:
         from curvopt.quant.quantizer import QUANTIZER_NAMES
         from curvopt.quant.scores import SCORE_NAMES
 
-        choices += [("sensitivity", "curvature", tuple(available_curvatures())),
-                    ("sensitivity", "score", tuple(SCORE_NAMES)), ("sensitivity", "method", TRACE_METHODS),
+        choices += [("sensitivity", "score", tuple(SCORE_NAMES)), ("sensitivity", "method", TRACE_METHODS),
                     ("quantizer", "name", tuple(QUANTIZER_NAMES)), ("allocation", "method", ALLOCATION_METHODS)]
     for section, key, valid in choices:
         if section in config and config[section][key] not in valid:
@@ -420,6 +419,7 @@ def _check_quantize(config: dict[str, dict[str, Any]], path: str) -> None:
     for name, b in a["fixed"].items():
         if not _is_int(b) or not MIN_BITS <= b <= MAX_BITS:
             raise ConfigError(f"[allocation] fixed = {{ {name} = {b!r} }} in {path}; the bits must be {width}")
+    _sensitivity_curvature(config)
     act = config["quantizer"]["activation_bits"]
     if act and not MIN_BITS <= act <= MAX_BITS:
         raise ConfigError(f"[quantizer] activation_bits = {act} in {path}; 0 (weights only) or {width}")
@@ -428,6 +428,27 @@ def _check_quantize(config: dict[str, dict[str, Any]], path: str) -> None:
     if reserved:
         raise ConfigError(f"[sensitivity] options in {path} may not set {', '.join(reserved)}: the command sets "
                           f"them (from [sensitivity], [quantizer], [allocation] bits and [output] progress)")
+
+
+def _sensitivity_curvature(config: dict[str, dict[str, Any]]) -> str:
+    """The curvature backend of ``[sensitivity]``: ``curvature``, or when empty the score's own (the Fisher
+    for ``"fisher"``, else the Hessian).
+
+    Raises:
+        ConfigError: an unknown backend, or ``"fisher"`` on one that is no Fisher.
+    """
+    from curvopt.curvature import available_curvatures
+    from curvopt.quant.scores import FISHER_CURVATURES
+
+    score, name = config["sensitivity"]["score"], config["sensitivity"]["curvature"]
+    valid = tuple(available_curvatures())
+    if name and name not in valid:
+        raise ConfigError(f"[sensitivity] curvature = {name!r}; valid: {', '.join(valid)} (or \"\": the score's "
+                          f"own)")
+    if score == "fisher" and name and name not in FISHER_CURVATURES:
+        raise ConfigError(f"[sensitivity] score = 'fisher' needs curvature = one of "
+                          f"{', '.join(FISHER_CURVATURES)} (or \"\"), got {name!r}; or use score = 'hawq_v2'")
+    return name or ("fisher" if score == "fisher" else "hessian")
 
 
 def _sensitivity_keywords() -> set[str]:
@@ -484,7 +505,6 @@ def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[st
     Raises:
         ConfigError: with the allocator's message (the reachable minimum) under ``[allocation]``.
     """
-    from curvopt.errors import QuantizationError
     from curvopt.quant.allocate import allocate_bits, uniform_plan
 
     a = config["allocation"]
@@ -514,7 +534,7 @@ def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[st
         try:
             allocate_bits(model, zeros, bits=bits, method=a["method"], fixed=fixed or None,
                                  **budget["kwargs"])
-        except QuantizationError as e:
+        except CurvoptError as e:  # BudgetError (with the reachable range), bad fixed widths
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"[allocation] budget {budget['label']}: {first}") from e
         # the size random allocations get: the uniform plan's, else the budget's own
@@ -570,9 +590,10 @@ def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict
     fixed = _fixed_bits(config, names)
     budgets = _budgets(config, model, fixed)
     options = dict(s["options"])
+    backend = _sensitivity_curvature(config)
     with warnings.catch_warnings():  # the real passes below warn once
         warnings.simplefilter("ignore")
-        curvature(s["curvature"], model, loss_fn, calibration, **options)
+        curvature(backend, model, loss_fn, calibration, **options)
     t0 = time.perf_counter()
     if not ckpt:
         _train(model, data, loss_fn, config, progress)
@@ -607,17 +628,18 @@ def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict
 
     t0 = time.perf_counter()
     bar = f"{s['score']} sensitivity" if progress else False
-    common = dict(curvature=s["curvature"], probes=s["probes"], method=s["method"], quantizer=quantizer,
-                  measured_bits=tuple(table_bits), seed=s["seed"], **options)
-    report = curvopt.sensitivity(model, calibration, loss_fn, score=s["score"], progress=bar, **common)
+    common = dict(curvature=backend, method=s["method"], quantizer=quantizer, measured_bits=tuple(table_bits),
+                  seed=s["seed"], **options)
+    report = curvopt.sensitivity(model, calibration, loss_fn, score=s["score"], probes=s["probes"], progress=bar,
+                                 **common)
     table = report.score_table(model, table_bits, quantizer)
     if s["score"] == "measured":
         measured, measured_table = report, table
     else:
-        measured = curvopt.sensitivity(model, calibration, loss_fn, score="measured",
+        measured = curvopt.sensitivity(model, calibration, loss_fn, score="measured", probes=0,  # no traces
                                        progress="measured sensitivity" if progress else False, **common)
         measured_table = measured.score_table(model, table_bits, quantizer)
-    print(f"sensitivity: {s['score']} ({s['curvature']}, {s['probes']} probes) and measured on {n} calibration "
+    print(f"sensitivity: {s['score']} ({backend}, {s['probes']} probes) and measured on {n} calibration "
           f"samples in {time.perf_counter() - t0:.1f}s")
     print(report.table())
 
@@ -633,45 +655,45 @@ def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict
     for b in bits:
         plan = uniform_plan(model, b)
         uniform_rows.append(row(f"uniform {b}-bit", plan.bits, plan.size_bits))
-    results = []
+    results: list[dict[str, Any]] = []
+    frontier: list[dict[str, Any]] = []
     for budget in budgets:
         kwargs = dict(bits=bits, method=a["method"], fixed=fixed or None, **budget["kwargs"])
         plan = allocate_bits(model, table, quantizer=quantizer, **kwargs)
         mixed = row(f"{s['score']} ({a['method']})", plan.bits, plan.size_bits, budget["label"])
-        mixed["plan"] = plan.to_dict()
+        mixed["plan"] = _plan_dict(plan)
+        frontier = frontier or _pareto_points(plan)  # one frontier: same scores and fixed layers per budget
         mplan = plan if measured is report else allocate_bits(model, measured_table, quantizer=quantizer, **kwargs)
         measured_row = row(f"measured ({a['method']})", mplan.bits, mplan.size_bits, budget["label"])
-        measured_row["plan"] = mplan.to_dict()
-        randoms = [row("random", p.bits, p.size_bits, budget["label"])
-                   for p in (random_plans(model, bits, budget["size_bits"], a["random"], seed=m["seed"])
-                             if a["random"] else [])]
+        measured_row["plan"] = _plan_dict(mplan)
+        plans = random_plans(model, bits, budget["size_bits"], a["random"], seed=m["seed"], fixed=fixed or None)
+        randoms = [row("random", p.bits, p.size_bits, budget["label"]) for p in plans]
         summary: dict[str, Any] = {"n": len(randoms), "rows": randoms}
-        for key in ("loss", "accuracy", "qat_loss", "qat_accuracy", "size_bytes", "objective"):
+        for key in ("loss", "accuracy", "qat_loss", "qat_accuracy", "size_bytes", "average_bits", "compression",
+                    "objective"):
             if randoms and key in randoms[0]:
                 summary[f"{key}_mean"], summary[f"{key}_std"] = _stats([r[key] for r in randoms])
         results.append({"budget": budget["label"], "average_bits": budget["average_bits"],
                         "size_bytes": budget["kwargs"].get("size_bytes", budget["size_bytes"]),
                         "size_bits": budget["size_bits"], "uniform_bits": budget["uniform_bits"], "mixed": mixed,
-                        "random": summary, "measured": measured_row, "pareto": _pareto_points(plan)})
+                        "random": summary, "measured": measured_row})
     quantizable = {name: int(mod.weight.numel()) for name, mod in quantizable_modules(model).items()}
     result = {"model": {"arch": m["arch"], "checkpoint": ckpt or None,
                         "parameters": sum(p.numel() for p in model.parameters()), "quantizable": quantizable,
                         "weights": weights},
-              "score": s["score"], "curvature": s["curvature"], "calibration_samples": n, "fixed": fixed,
+              "score": s["score"], "curvature": backend, "calibration_samples": n, "fixed": fixed,
               "sensitivity": report.to_dict(), "score_table": _plain_table(table),
               "measured_table": _plain_table(measured_table), "fp32": fp32, "uniform": uniform_rows,
-              "budgets": results, "finetune_epochs": ft["epochs"], "config": config}
+              "budgets": results, "pareto": frontier, "finetune_epochs": ft["epochs"], "config": config}
     print(_quantize_table(result))
     out.mkdir(parents=True, exist_ok=True)
     if outcfg["plots"]:
-        frontier = results[0]["pareto"]
-        if len(frontier) > 40:  # evaluating every point of a long frontier costs more than the plot shows
-            step = (len(frontier) - 1) / 39
-            frontier = [frontier[round(i * step)] for i in range(40)]
-        for point in frontier:
-            with fake_quantized(model, point["bits"], quantizer, **act_kwargs):
-                point["loss"], point["accuracy"] = _evaluate(model, X, y, loss_fn)
-        result["plots"] = [str(_plot_pareto(result, frontier, out / "pareto.png"))]
+        # the accuracy of at most 40 frontier points, evenly spread: a long frontier costs more than it shows
+        step = max(1.0, (len(frontier) - 1) / 39)
+        for i in sorted({round(k * step) for k in range(min(40, len(frontier)))}):
+            with fake_quantized(model, frontier[i]["bits"], quantizer, **act_kwargs):
+                frontier[i]["loss"], frontier[i]["accuracy"] = _evaluate(model, X, y, loss_fn)
+        result["plots"] = [str(_plot_pareto(result, out / "pareto.png"))]
         print("plots: " + ", ".join(result["plots"]))
     (out / "quantize.json").write_text(json.dumps(result, indent=2))
     print(f"report: {out / 'quantize.json'}")
@@ -686,6 +708,11 @@ def _pareto_points(plan: Any) -> list[dict[str, Any]]:
         points.append({"size_bytes": float(get("size_bytes")), "objective": float(get("objective")),
                        "bits": {str(k): int(v) for k, v in dict(get("bits")).items()}})
     return sorted(points, key=lambda p: p["size_bytes"])
+
+
+def _plan_dict(plan: Any) -> dict[str, Any]:
+    """``plan.to_dict()`` without its frontier (``quantize.json`` holds the frontier once)."""
+    return {k: v for k, v in plan.to_dict().items() if k != "pareto"}
 
 
 def _plain_table(table: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
@@ -711,9 +738,8 @@ def _quantize_table(result: dict[str, Any]) -> str:
         rows.append(cells(b["mixed"]))
         rand = b["random"]
         if rand["n"]:
-            first = rand["rows"][0]
-            line = [f"random (n={rand['n']})", b["budget"], f"{first['average_bits']:.2f}",
-                    f"{rand['size_bytes_mean']:,.0f}", f"{first['compression']:.1f}x",
+            line = [f"random (n={rand['n']})", b["budget"], f"{rand['average_bits_mean']:.2f}",
+                    f"{rand['size_bytes_mean']:,.0f}", f"{rand['compression_mean']:.1f}x",
                     f"{rand['objective_mean']:.4g} ± {rand['objective_std']:.2g}",
                     f"{rand['loss_mean']:.4f} ± {rand['loss_std']:.4f}",
                     f"{rand['accuracy_mean']:.4f} ± {rand['accuracy_std']:.4f}"]
@@ -730,7 +756,7 @@ def _quantize_table(result: dict[str, Any]) -> str:
     return "\n".join([head, fmt(cols), "  ".join("-" * w for w in widths), *map(fmt, rows)])
 
 
-def _plot_pareto(result: dict[str, Any], frontier: list[dict[str, Any]], path: Path) -> Path:
+def _plot_pareto(result: dict[str, Any], path: Path) -> Path:
     """``pareto.png``: the predicted loss increase (left) and the test accuracy (right) against the weights'
     size: the frontier of the mixed-precision allocations, uniform plans, random plans, the chosen plans."""
     from curvopt.analysis.plots import _pyplot, _save
@@ -739,9 +765,10 @@ def _plot_pareto(result: dict[str, Any], frontier: list[dict[str, Any]], path: P
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     kib = 1 / 1024
     for ax, key in ((left, "objective"), (right, "accuracy")):
-        if frontier and key in frontier[0]:
-            ax.plot([p["size_bytes"] * kib for p in frontier], [p[key] for p in frontier], "-", color="C0",
-                    lw=1, label="Pareto frontier")
+        frontier = [p for p in result["pareto"] if key in p]
+        if frontier:
+            ax.plot([p["size_bytes"] * kib for p in frontier], [p[key] for p in frontier], ".-", color="C0",
+                    lw=1, ms=3, label="Pareto frontier")
         ax.plot([r["size_bytes"] * kib for r in result["uniform"]], [r[key] for r in result["uniform"]], "s",
                 color="C1", label="uniform")
         for b in result["uniform"]:
@@ -750,10 +777,11 @@ def _plot_pareto(result: dict[str, Any], frontier: list[dict[str, Any]], path: P
         if randoms:
             ax.plot([r["size_bytes"] * kib for r in randoms], [r[key] for r in randoms], ".", color="0.6",
                     label="random")
-        ax.plot([b["measured"]["size_bytes"] * kib for b in result["budgets"]],
-                [b["measured"][key] for b in result["budgets"]], "^", color="C2", label="measured")
         ax.plot([b["mixed"]["size_bytes"] * kib for b in result["budgets"]],
                 [b["mixed"][key] for b in result["budgets"]], "*", color="C3", ms=12, label=result["score"])
+        ax.plot([b["measured"]["size_bytes"] * kib for b in result["budgets"]],  # open: visible on a star
+                [b["measured"][key] for b in result["budgets"]], "^", mfc="none", color="C2", ms=9,
+                label="measured")
         ax.set_xlabel("weights (KiB)")
     left.set_ylabel(f"predicted loss increase (summed {result['score']})")
     left.set_yscale("symlog", linthresh=1e-4)
