@@ -278,8 +278,8 @@ def _row(groups: list[_Group], per_layer: Mapping[str, Any], value: Any) -> list
 
 def _fraction(x: Any, name: str) -> Fraction:
     if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not math.isfinite(x) \
-            or x <= 0:
-        raise OptionError(f"{name} must be a positive finite number, got {x!r}")
+            or x < 0:
+        raise OptionError(f"{name} must be a finite number >= 0, got {x!r}")
     return Fraction(float(x)) if isinstance(x, (float, np.floating)) else Fraction(int(x))
 
 
