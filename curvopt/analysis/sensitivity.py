@@ -233,7 +233,7 @@ class SensitivityReport:
         if self.score == "measured":
             cols += [f"ΔL@{b}" for b in self.measured_bits]
         if self.bits is not None:
-            cols += [f"||Q{self.bits}(W)-W||²", f"{self.score}@{self.bits}"]
+            cols += [f"||Q{self.bits}(W)-W||²", "HAWQ score" if self.score == "hawq_v2" else f"{self.score} score"]
         rank = {n: i + 1 for i, n in enumerate(self.ranking())}
         cols.append("rank")
         rows = []
