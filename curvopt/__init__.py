@@ -6,9 +6,10 @@ Public API::
     op @ v, op @ V, op.blocks, op.to_dense()
     curvopt.top_eigenvalues(op, k=5); curvopt.trace(op, per_block=True)
     curvopt.spectral_density(op); curvopt.sensitivity(model, loader)
+    plan = curvopt.allocate_bits(model, report, average_bits=3.0); curvopt.fake_quantized(model, plan)
 """
 
-from curvopt import errors
+from curvopt import errors, quant
 from curvopt.analysis import (
     CurvatureMonitor,
     loss_landscape,
@@ -26,6 +27,7 @@ from curvopt.curvature import (
     register_curvature,
 )
 from curvopt.optim import ARC, KFAC, NewtonMR, TrustRegion, batch_closure
+from curvopt.quant import allocate_bits, fake_quantized
 from curvopt.schedule import FGSM, AdaptiveBatchSize, FixedBatchSize, IncreaseBatchSize
 
 __version__ = "0.1.0"
@@ -43,10 +45,13 @@ __all__ = [
     "TrustRegion",
     "batch_closure",
     "CurvatureOperator",
+    "allocate_bits",
     "available_curvatures",
     "curvature",
     "errors",
+    "fake_quantized",
     "loss_landscape",
+    "quant",
     "random_direction",
     "sensitivity",
     "spectral_density",

@@ -37,9 +37,10 @@ class EmptyDataError(CurvoptError, ValueError):
 class NonFiniteLossError(CurvoptError, FloatingPointError):
     """The loss on a batch is NaN or infinite."""
 
-    def __init__(self, batch_index: int, value: float) -> None:
+    def __init__(self, batch_index: int, value: float, message: str | None = None) -> None:
         super().__init__(
-            f"the loss on batch {batch_index} is {value}; curvature at this point is "
+            message
+            or f"the loss on batch {batch_index} is {value}; curvature at this point is "
             "undefined (check that batch for NaN/Inf inputs or a diverged model)"
         )
         self.batch_index = batch_index

@@ -119,11 +119,11 @@ def finetune(
                         loss = loss_fn(out, y)
                         value = float(loss.detach())
                         if not math.isfinite(value):
-                            err = NonFiniteLossError(index, value)
-                            err.args = (f"{where}: the loss on batch {index} of epoch {epoch} is {value}; the "
-                                        "model's parameters and buffers are restored to their values before "
-                                        "finetune (lower lr, or check that batch for NaN/Inf inputs)",)
-                            raise err
+                            raise NonFiniteLossError(
+                                index, value,
+                                f"{where}: the loss on batch {index} of epoch {epoch} is {value}; the model's "
+                                "parameters and buffers are restored to their values before finetune (lower "
+                                "lr, or check that batch for NaN/Inf inputs)")
                         loss.backward()  # the gradient at Q_b(W) ...
                     finally:
                         restore(weights[:len(latent)], latent)  # ... applied to the latent W
