@@ -19,7 +19,6 @@ quantization scales (one or two floats per channel or group) are not counted. Wh
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -34,7 +33,7 @@ from curvopt.quant.plan import check_bits, quantizable_modules
 METHODS = ("ilp", "pareto")
 
 #: The frontier's dynamic program keeps at most this many points; beyond it, neighbouring points are merged
-#: (with a warning) so that a very deep model cannot exhaust memory.
+#: (``BitPlan.pareto_exact`` is then False) so that a deep model costs seconds, not hours.
 MAX_PARETO_POINTS = 20_000
 
 # Relative slack when checking the solver's allocation against float (BOPs, latency) budgets: HiGHS accepts
@@ -67,7 +66,11 @@ class BitPlan:
     ``numel * bits`` over the quantized weights (a weight shared by several modules counted once).
     ``objective`` is the summed score of the chosen widths (NaN when the plan was made without scores).
     ``bops`` / ``latency`` are set when MACs / a latency table were given. ``pareto`` holds the size/score
-    frontier (increasing size, strictly decreasing objective) under the same fixed layers and ties.
+    frontier (increasing size, strictly decreasing objective) under the same fixed layers and ties, ignoring
+    BOPs and latency budgets. ``pareto_exact`` is False when the frontier had more than
+    ``MAX_PARETO_POINTS`` points and neighbours were merged: every point is still a real allocation with its
+    true score, but may miss the least score at its size by a little. Under a size budget alone the plan's
+    own allocation is always exact and on the frontier.
     """
 
     bits: dict[str, int]
@@ -79,6 +82,7 @@ class BitPlan:
     latency: float | None = None
     other_bytes: int | None = None
     pareto: list[ParetoPoint] = field(default_factory=list)
+    pareto_exact: bool = True
 
     @property
     def size_bytes(self) -> float:
@@ -95,7 +99,8 @@ class BitPlan:
         return {"method": self.method, "bits": dict(self.bits), "size_bits": self.size_bits,
                 "size_bytes": self.size_bytes, "average_bits": self.average_bits, "objective": self.objective,
                 "bops": self.bops, "latency": self.latency, "other_bytes": self.other_bytes,
-                "numel": dict(self.numel), "pareto": [p.to_dict() for p in self.pareto]}
+                "numel": dict(self.numel), "pareto": [p.to_dict() for p in self.pareto],
+                "pareto_exact": self.pareto_exact}
 
     def __str__(self) -> str:
         rows = [f"{'module':<32} {'params':>12} {'bits':>4}"]
@@ -176,12 +181,24 @@ def _as_bits_key(k: Any, where: str) -> int:
     return check_bits(k, where)
 
 
-def _score_table(scores: Any, layers: _Layers, bits: Sequence[int], quantizer: Any) -> dict[str, dict[int, float]]:
+def _score_table(scores: Any, layers: _Layers, bits: Sequence[int], quantizer: Any,
+                 pinned: Iterable[int] = ()) -> dict[str, dict[int, float]]:
     if hasattr(scores, "score_table"):
         if layers.model is None:
             raise QuantizationError("scores is a SensitivityReport: pass the model (not a sizes mapping) as the "
                                     "first argument so that its quantization errors can be computed")
-        scores = scores.score_table(layers.model, tuple(bits), quantizer)
+        report = scores
+        scores = {n: dict(row) for n, row in report.score_table(layers.model, tuple(bits), quantizer).items()}
+        extra = sorted(set(pinned) - set(bits))
+        if extra:
+            try:
+                more = report.score_table(layers.model, tuple(extra), quantizer)
+            except QuantizationError:
+                # e.g. a "measured" report without those widths: pinned layers' scores are constants of the
+                # objective, so they are left out of it rather than made a reason to fail.
+                more = {}
+            for n, row in more.items():
+                scores.setdefault(n, {}).update(row)
     if not isinstance(scores, Mapping):
         raise QuantizationError("scores must be a SensitivityReport or a mapping {module name: {bits: score}}, "
                                 f"got {type(scores).__name__}")
@@ -321,11 +338,12 @@ _RANGE = ("smallest: every layer at its narrowest width in bits=; largest useful
 
 # ----------------------------------------------------------------------------------------------- solvers
 
-def pareto_frontier(groups: list[_Group], names: Sequence[str]) -> list[ParetoPoint]:
+def _pareto_frontier(groups: list[_Group], names: Sequence[str]) -> tuple[list[ParetoPoint], bool]:
     """HAWQ-V2's frontier, exactly: for every reachable size, the least summed score, keeping only
     points that no smaller-or-equal size beats. A dynamic program over groups (multiple-choice knapsack with
     dominance pruning): after each group only the non-dominated partial allocations survive, so the cost is
-    (points on the partial frontier) x (options), not the product of all choices."""
+    (points on the partial frontier) x (options), not the product of all choices. Returns the points and
+    whether they are exact (see ``MAX_PARETO_POINTS``)."""
     size = np.zeros(1, dtype=np.int64)
     obj = np.zeros(1)
     back: list[tuple[np.ndarray, np.ndarray]] = []
@@ -351,24 +369,27 @@ def pareto_frontier(groups: list[_Group], names: Sequence[str]) -> list[ParetoPo
         kept = order[keep]
         back.append((kept // m, kept % m))
         size, obj = cand_size[keep], cand_obj[keep]
-    if coarsened:
-        warnings.warn(f"the size/score frontier has more than {MAX_PARETO_POINTS} points; neighbouring points "
-                      "were merged, so a frontier point may miss the optimum at its exact size by a little",
-                      stacklevel=3)
     choice = np.zeros((len(groups), len(size)), dtype=np.int64)
     idx = np.arange(len(size))
     for gi in range(len(groups) - 1, -1, -1):
         parent, opt = back[gi]
         choice[gi] = opt[idx]
         idx = parent[idx]
-    points = []
-    for j in range(len(size)):
-        bits = {}
-        for gi, g in enumerate(groups):
-            for n in g.members:
-                bits[n] = g.options[choice[gi, j]]
-        points.append(ParetoPoint(int(size[j]), float(obj[j]), {n: bits[n] for n in names}))
-    return points
+    column = {}
+    for gi, g in enumerate(groups):
+        widths = np.asarray(g.options)[choice[gi]].tolist()
+        for n in g.members:
+            column[n] = widths
+    points = [ParetoPoint(int(size[j]), float(obj[j]), {n: column[n][j] for n in names}) for j in range(len(size))]
+    return points, not coarsened
+
+
+def _with_point(frontier: list[ParetoPoint], point: ParetoPoint) -> list[ParetoPoint]:
+    """``frontier`` with ``point`` added and the points it dominates removed."""
+    if any(p.size_bits <= point.size_bits and p.objective <= point.objective for p in frontier):
+        return frontier
+    kept = [p for p in frontier if not (p.size_bits >= point.size_bits and p.objective >= point.objective)]
+    return sorted(kept + [point], key=lambda p: p.size_bits)
 
 
 def _milp(groups: list[_Group], rows: list[tuple[list[np.ndarray], float, str]]) -> list[int]:
@@ -488,8 +509,7 @@ def allocate_bits(model_or_sizes: nn.Module | Mapping[str, int], scores: Any, *,
                           "use method='ilp' for BOPs or latency budgets")
 
     groups = _groups(layers, cand, fixed, ties)
-    scored = tuple(sorted(set(cand) | set(fixed.values())))
-    _set_costs(groups, _score_table(scores, layers, scored, quantizer))
+    _set_costs(groups, _score_table(scores, layers, cand, quantizer, fixed.values()))
     act = _activation_bits(activation_bits)
     bops_row = _bops_row(groups, layers, macs, act) if macs is not None else None
     lat_row = _latency_row(groups, layers, latency_table) if latency_table is not None else None
@@ -511,15 +531,19 @@ def allocate_bits(model_or_sizes: nn.Module | Mapping[str, int], scores: Any, *,
                               f"largest useful is {hi:.6g} ({_RANGE})")
         rows.append((row, budget, f"{label}={value!r}"))
 
-    frontier = pareto_frontier(groups, names)
-    if method == "pareto":
+    frontier, exact = _pareto_frontier(groups, names)
+    if method == "pareto" and exact:
         point = max((p for p in frontier if p.size_bits <= budget_bits), key=lambda p: p.size_bits)
         choice = [g.options.index(point.bits[g.members[0]]) for g in groups]
     else:
+        # Also for a merged frontier under method="pareto": its exact point at the budget is by definition the
+        # least-score allocation within it, which is what the integer program finds.
         choice = _milp(groups, rows)
     plan = _plan(groups, choice, layers, method, bops_row, lat_row)
-    plan.pareto = frontier
     _verify(plan, rows, groups, choice)
+    if not exact and len(rows) == 1 and budget_bits is not None:
+        frontier = _with_point(frontier, ParetoPoint(plan.size_bits, plan.objective, dict(plan.bits)))
+    plan.pareto, plan.pareto_exact = frontier, exact
     return plan
 
 

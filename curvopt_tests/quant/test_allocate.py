@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import curvopt
 import curvopt.quant.allocate as allocate_mod
 from curvopt.errors import BudgetError, OptionError, QuantizationError
 from curvopt.quant.allocate import BitPlan, allocate_bits, random_plans, uniform_plan
@@ -151,20 +152,25 @@ def test_pareto_method_takes_the_largest_frontier_point_within_budget():
     assert plan.method == "pareto"
 
 
-def test_frontier_merges_points_beyond_the_cap_with_a_warning(monkeypatch):
+def test_frontier_beyond_the_cap_is_merged_and_flagged_and_the_plan_stays_exact(monkeypatch):
     sizes = {f"l{i}": 3 + 7 * i for i in range(6)}
     scores = {n: {2: 5.0 + i, 3: 2.0 + i / 2, 4: 1.0, 8: 0.1} for i, n in enumerate(sizes)}
-    exact = allocate_bits(sizes, scores, average_bits=8.0).pareto
+    exact = {m: allocate_bits(sizes, scores, average_bits=3.5, method=m) for m in ("ilp", "pareto")}
+    assert exact["ilp"].pareto_exact and exact["ilp"].to_dict()["pareto_exact"] is True
     monkeypatch.setattr(allocate_mod, "MAX_PARETO_POINTS", 5)
-    with pytest.warns(UserWarning, match="merged"):
-        coarse = allocate_bits(sizes, scores, average_bits=8.0).pareto
-    assert len(coarse) < len(exact)
-    assert coarse[0].size_bits == exact[0].size_bits  # the smallest allocation stays on it
-    for a, b in zip(coarse, coarse[1:]):
-        assert a.size_bits < b.size_bits and a.objective > b.objective
-    for p in coarse:  # still real allocations with their true scores
-        assert p.size_bits == size_of(sizes, p.bits)
-        assert p.objective == pytest.approx(cost_of(scores, p.bits), rel=1e-12)
+    for method in ("ilp", "pareto"):
+        plan = allocate_bits(sizes, scores, average_bits=3.5, method=method)
+        assert not plan.pareto_exact and len(plan.pareto) < len(exact[method].pareto)
+        # The plan itself is the exact optimum within budget, and one of the frontier's points.
+        assert plan.objective == pytest.approx(exact[method].objective, rel=1e-12)
+        assert (plan.size_bits, plan.bits) in [(p.size_bits, p.bits) for p in plan.pareto]
+        front = plan.pareto
+        assert front[0].size_bits == exact[method].pareto[0].size_bits  # the smallest allocation stays on it
+        for a, b in zip(front, front[1:]):
+            assert a.size_bits < b.size_bits and a.objective > b.objective
+        for p in front:  # still real allocations with their true scores
+            assert p.size_bits == size_of(sizes, p.bits)
+            assert p.objective == pytest.approx(cost_of(scores, p.bits), rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------- size accounting
@@ -284,10 +290,28 @@ def test_a_sensitivity_report_is_asked_for_its_score_table():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     report, q = FakeReport(), object()
     plan = allocate_bits(model, report, bits=(2, 4), average_bits=5.0, fixed={"2": 8}, quantizer=q)
-    assert report.calls == [(model, (2, 4, 8), q)]
+    assert report.calls == [(model, (2, 4), q), (model, (8,), q)]  # the pinned width asked for apart
     assert plan.bits == {"0": 2, "2": 8} and plan.objective == pytest.approx(32 / 4 + 24 / 64)
     with pytest.raises(QuantizationError, match="pass the model"):
         allocate_bits({"0": 32, "2": 24}, report, average_bits=3.0)
+
+
+@pytest.mark.filterwarnings("ignore:sensitivity.*is negative")  # an untrained model's indefinite block
+def test_end_to_end_with_a_real_sensitivity_report():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = (torch.randn(64, 6), torch.randint(0, 3, (64,)))
+    report = curvopt.sensitivity(model, data, nn.CrossEntropyLoss(), probes=8)
+    table = report.score_table(model, (2, 3, 4, 8))
+    plan = allocate_bits(model, report, average_bits=3.5, fixed={"4": 8})
+    assert set(plan.bits) == {"0", "2", "4"} and plan.bits["4"] == 8 and plan.size_bits <= 3.5 * 136
+    assert plan.objective == pytest.approx(math.fsum(table[n][b] for n, b in plan.bits.items()), rel=1e-12)
+    sizes = {"0": 48, "2": 64, "4": 24}
+    best = min(cost_of(table, p) for p in enumerate_plans(sizes, (2, 3, 4, 8), {"4": 8})
+               if size_of(sizes, p) <= 3.5 * 136)
+    assert plan.objective <= best + 1e-6 * max(max(r.values()) for r in table.values())
+    with fake_quantized(model, plan):
+        pass
 
 
 # --------------------------------------------------------------------------------------- baselines
