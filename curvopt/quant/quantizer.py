@@ -38,7 +38,7 @@ class Quantizer:
     kernel ``[out, in, kh, kw]`` as rows of ``in * kh * kw``); a 1-d weight is one channel.
     ``group_size=g`` splits each row into groups of ``g`` consecutive elements, each with its own
     scale; when ``g`` does not divide the row the last group of each row is shorter (the
-    remainder), and ``g >= `` the row length is per channel. An all-zero channel (group) stays
+    remainder), and ``g`` at least the row length is per channel. An all-zero channel (group) stays
     zero. The result has the weight's shape, dtype and device; half-precision weights are
     quantized in float32 and rounded back to their dtype (so their values lie on the grid up to
     that rounding).
