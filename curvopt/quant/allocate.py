@@ -638,18 +638,27 @@ def uniform_plan(model_or_sizes: nn.Module | Mapping[str, int], bits: int, *,
     return _plan(groups, [0] * len(groups), layers, "uniform", None, None, objective=scores is not None)
 
 
-def random_plans(model_or_sizes: nn.Module | Mapping[str, int], bits: Sequence[int], size_bits: int, n: int,
-                 seed: int = 0, *, fixed: Mapping[str, int] | None = None, ties: Iterable[Sequence[str]] = (),
-                 scores: Any = None, quantizer: Any = None) -> list[BitPlan]:
-    """``n`` random allocations from ``bits`` of size ``<= size_bits`` and as close to it as single steps get.
+#: random_plans samples exactly (a counting table over sizes) while (groups x budget / gcd of the sizes) stays
+#: below this; past it, it falls back to the step-wise sampler.
+MAX_COUNT_TABLE = 5_000_000
 
-    The baseline HAWQ is compared against at equal size. Sampler, per plan: (1) draw every layer's width
-    uniformly from ``bits``; (2) while over budget, lower a uniformly chosen layer (that can go lower) by one
-    width; (3) while some layer can be raised by one width within budget, raise a uniformly chosen such layer.
-    Every plan is therefore within budget and maximal (no single layer can be widened by one step), and which
-    layers end up wide is random, not driven by the scores. ``plan.size_bits`` is each achieved size.
-    ``fixed`` and ``ties`` are respected as in :func:`allocate_bits`; ``objective`` is the summed score when
-    ``scores`` is given, else NaN.
+
+def random_plans(model_or_sizes: nn.Module | Mapping[str, int], bits: Sequence[int], size_bits: int, n: int,
+                 seed: int = 0, *, window: float = 0.01, fixed: Mapping[str, int] | None = None,
+                 ties: Iterable[Sequence[str]] = (), scores: Any = None, quantizer: Any = None) -> list[BitPlan]:
+    """``n`` random allocations from ``bits`` of size ``<= size_bits`` and close to it: the baseline HAWQ is
+    compared against at equal size.
+
+    Rule: let ``S`` be the largest size ``<= size_bits`` that any allocation reaches; each plan is drawn
+    uniformly at random (independently) among all allocations whose size lies in
+    ``[S - window * size_bits, S]``. Which layers end up wide is therefore random and never driven by the
+    scores, and every plan is within ``window`` (default 1 %) of the closest reachable size. The draw is exact:
+    a table counting the allocations of each partial size, layer by layer, then a walk back through it.
+    When that table would exceed ``MAX_COUNT_TABLE`` entries (very deep models with sizes of no common
+    factor), each plan instead draws every width uniformly, lowers uniformly chosen layers one width at a
+    time while over budget, then raises uniformly chosen layers one width at a time while one fits.
+    ``plan.size_bits`` is each achieved size. ``fixed`` and ``ties`` are respected as in
+    :func:`allocate_bits`; ``objective`` is the summed score when ``scores`` is given, else NaN.
     """
     layers = _layers(model_or_sizes)
     cand = _bit_set(bits)
@@ -660,30 +669,72 @@ def random_plans(model_or_sizes: nn.Module | Mapping[str, int], bits: Sequence[i
         raise OptionError(f"n must be a number of plans >= 0, got {n!r}")
     if isinstance(size_bits, bool) or not isinstance(size_bits, (int, np.integer)):
         raise OptionError(f"size_bits must be an integer number of bits (e.g. plan.size_bits), got {size_bits!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 1:
+        raise OptionError(f"window must be a fraction of size_bits in [0, 1], got {window!r}")
+    size_bits = int(size_bits)
     groups = _groups(layers, cand, fixed, ties)
     if scores is not None:
-        _set_costs(groups, _score_table(scores, layers, cand, quantizer))
+        _set_costs(groups, _score_table(scores, layers, cand, quantizer, fixed.values()))
     total = sum(layers.numel.values())
     lo = sum(int(g.size.min()) for g in groups)
     if size_bits < lo:
         raise _size_budget_error("size_bits", size_bits, lo, sum(int(g.size.max()) for g in groups), total)
     rng = np.random.default_rng(seed)
-    plans = []
+    unit = int(np.gcd.reduce(np.concatenate([g.size for g in groups])))
+    if len(groups) * (size_bits // unit + 1) <= MAX_COUNT_TABLE:
+        choices = _uniform_draws(groups, size_bits, window, unit, n, rng)
+    else:
+        choices = [_stepwise_draw(groups, size_bits, rng) for _ in range(n)]
+    return [_plan(groups, x, layers, "random", None, None, objective=scores is not None) for x in choices]
+
+
+def _uniform_draws(groups: list[_Group], size_bits: int, window: float, unit: int, n: int,
+                   rng: np.random.Generator) -> list[list[int]]:
+    """``n`` option choices drawn uniformly among the allocations of size in the window (see random_plans)."""
+    cap = size_bits // unit
+    steps = [(g.size // unit).astype(np.int64) for g in groups]
+    # table[g][s]: allocations of groups < g with size s units, each row scaled by its maximum (only ratios
+    # within a row are used, and the scaling keeps 8 widths over 100+ layers inside float64).
+    table = [np.zeros(cap + 1)]
+    table[0][0] = 1.0
+    for st in steps:
+        prev, row = table[-1], np.zeros(cap + 1)
+        for d in st:
+            if d <= cap:
+                row[d:] += prev[:cap + 1 - d]
+        table.append(row / row.max())
+    last = table[-1]
+    top = int(np.flatnonzero(last > 0).max())  # the largest reachable size within budget
+    low = max(0, top - math.floor(window * size_bits / unit))
+    weights = last[low:top + 1]
+    out = []
     for _ in range(n):
-        x = [int(rng.integers(len(g.options))) for g in groups]
-        size = sum(int(g.size[j]) for g, j in zip(groups, x))
-        while size > size_bits:
-            down = [gi for gi, j in enumerate(x) if j > 0]
-            gi = down[rng.integers(len(down))]
-            size -= int(groups[gi].size[x[gi]] - groups[gi].size[x[gi] - 1])
-            x[gi] -= 1
-        while True:
-            up = [gi for gi, j in enumerate(x) if j + 1 < len(groups[gi].options)
-                  and size + int(groups[gi].size[j + 1] - groups[gi].size[j]) <= size_bits]
-            if not up:
-                break
-            gi = up[rng.integers(len(up))]
-            size += int(groups[gi].size[x[gi] + 1] - groups[gi].size[x[gi]])
-            x[gi] += 1
-        plans.append(_plan(groups, x, layers, "random", None, None, objective=scores is not None))
-    return plans
+        s = low + int(rng.choice(len(weights), p=weights / weights.sum()))
+        x = [0] * len(groups)
+        for gi in range(len(groups) - 1, -1, -1):
+            d = steps[gi]
+            w = np.where(d <= s, table[gi][np.clip(s - d, 0, None)], 0.0)
+            j = int(rng.choice(len(d), p=w / w.sum()))
+            x[gi] = j
+            s -= int(d[j])
+        out.append(x)
+    return out
+
+
+def _stepwise_draw(groups: list[_Group], size_bits: int, rng: np.random.Generator) -> list[int]:
+    """The fallback sampler of random_plans: uniform widths, lowered then raised one width at a time."""
+    x = [int(rng.integers(len(g.options))) for g in groups]
+    size = sum(int(g.size[j]) for g, j in zip(groups, x))
+    while size > size_bits:
+        down = [gi for gi, j in enumerate(x) if j > 0]
+        gi = down[rng.integers(len(down))]
+        size -= int(groups[gi].size[x[gi]] - groups[gi].size[x[gi] - 1])
+        x[gi] -= 1
+    while True:
+        up = [gi for gi, j in enumerate(x) if j + 1 < len(groups[gi].options)
+              and size + int(groups[gi].size[j + 1] - groups[gi].size[j]) <= size_bits]
+        if not up:
+            return x
+        gi = up[rng.integers(len(up))]
+        size += int(groups[gi].size[x[gi] + 1] - groups[gi].size[x[gi]])
+        x[gi] += 1

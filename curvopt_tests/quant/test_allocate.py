@@ -317,30 +317,61 @@ def test_end_to_end_with_a_real_sensitivity_report():
 # --------------------------------------------------------------------------------------- baselines
 
 
-def test_random_plans_are_within_budget_maximal_varied_and_seeded():
+def test_random_plans_are_uniform_over_the_window_below_the_closest_reachable_size():
+    sizes = {"a": 3, "b": 5, "c": 7}
+    bits = (2, 3, 4, 8)
+    budget = 50
+    every = list(enumerate_plans(sizes, bits))
+    top = max(size_of(sizes, p) for p in every if size_of(sizes, p) <= budget)
+    window = 0.1  # 5 bits: sizes 44..49 here
+    inside = [p for p in every if top - 5 <= size_of(sizes, p) <= top]
+    plans = random_plans(sizes, bits, budget, 3000, seed=0, window=window)
+    counts = {tuple(p.values()): 0 for p in inside}
+    for p in plans:
+        assert p.size_bits <= budget and p.method == "random" and math.isnan(p.objective)
+        counts[tuple(p.bits.values())] += 1  # a KeyError would be a plan outside the window
+    expected = len(plans) / len(inside)
+    assert len(inside) >= 5 and all(abs(c - expected) < 5 * math.sqrt(expected) for c in counts.values())
+    assert {p.size_bits for p in random_plans(sizes, bits, budget, 50, seed=0, window=0.0)} == {top}
+
+
+def test_random_plans_respect_fixed_and_ties_and_are_seeded():
     sizes = {f"l{i}": s for i, s in enumerate((30, 50, 70, 110, 130, 170))}
     bits = (2, 3, 4, 8)
-    budget = 3 * sum(sizes.values())
-    plans = random_plans(sizes, bits, budget, 40, seed=1, fixed={"l0": 8}, ties=[("l1", "l2")])
+    budget = 3 * sum(sizes.values()) + 7
+    fixed, ties = {"l0": 8}, [("l1", "l2")]
+    top = max(size_of(sizes, p) for p in enumerate_plans(sizes, bits, fixed, ties) if size_of(sizes, p) <= budget)
+    plans = random_plans(sizes, bits, budget, 40, seed=1, fixed=fixed, ties=ties)
     assert len(plans) == 40
     for p in plans:
-        assert p.size_bits <= budget and p.bits["l0"] == 8 and p.bits["l1"] == p.bits["l2"]
-        assert p.method == "random" and math.isnan(p.objective)
-        # Maximal: raising any free layer (with its tie) by one width breaks the budget.
-        for group in (("l1", "l2"), ("l3",), ("l4",), ("l5",)):
-            b = p.bits[group[0]]
-            if b != 8:
-                up = bits[bits.index(b) + 1]
-                assert p.size_bits + sum(sizes[n] for n in group) * (up - b) > budget
-    assert len({tuple(p.bits.values()) for p in plans}) >= 8
-    widths = {n: {p.bits[n] for p in plans} for n in ("l3", "l4", "l5")}
-    assert all(len(w) >= 3 for w in widths.values())  # no layer is stuck at one width
-    again = random_plans(sizes, bits, budget, 40, seed=1, fixed={"l0": 8}, ties=[("l1", "l2")])
+        assert p.bits["l0"] == 8 and p.bits["l1"] == p.bits["l2"]
+        assert top - 0.01 * budget <= p.size_bits <= top <= budget
+    assert len({tuple(p.bits.values()) for p in plans}) >= 3
+    again = random_plans(sizes, bits, budget, 40, seed=1, fixed=fixed, ties=ties)
     assert [p.bits for p in again] == [p.bits for p in plans]
+    assert [p.bits for p in random_plans(sizes, bits, budget, 40, seed=2, fixed=fixed, ties=ties)] != \
+        [p.bits for p in plans]
     scored = random_plans(sizes, bits, budget, 3, seed=2, scores=flat_scores(sizes))
     assert all(p.objective == pytest.approx(cost_of(flat_scores(sizes), p.bits)) for p in scored)
     with pytest.raises(BudgetError, match="size_bits=1119 .*at least 1120 bits; the largest useful is 4480"):
         random_plans(sizes, bits, 1119, 1)
+    with pytest.raises(OptionError, match="window must be a fraction"):
+        random_plans(sizes, bits, budget, 1, window=2.0)
+
+
+def test_random_plans_fallback_sampler_is_within_budget_and_maximal(monkeypatch):
+    monkeypatch.setattr(allocate_mod, "MAX_COUNT_TABLE", 0)
+    sizes = {f"l{i}": s for i, s in enumerate((30, 50, 70, 110, 130, 170))}
+    bits = (2, 3, 4, 8)
+    budget = 3 * sum(sizes.values())
+    plans = random_plans(sizes, bits, budget, 40, seed=1, ties=[("l1", "l2")])
+    for p in plans:
+        assert p.size_bits <= budget and p.bits["l1"] == p.bits["l2"]
+        for group in (("l0",), ("l1", "l2"), ("l3",), ("l4",), ("l5",)):  # no layer can be widened one step
+            b = p.bits[group[0]]
+            if b != 8:
+                assert p.size_bits + sum(sizes[n] for n in group) * (bits[bits.index(b) + 1] - b) > budget
+    assert len({tuple(p.bits.values()) for p in plans}) > 10
 
 
 def test_uniform_plan_with_fixed_layers_and_scores():
