@@ -105,19 +105,26 @@ def test_ilp_with_bops_and_latency_budgets_is_optimal_against_enumeration(inst, 
     size_budget = budget_between(sizes, bits, {}, (), frac)
     bops_budget = min(bops) + fb * (max(bops) - min(bops))
     lat_budget = min(lat) + fl * (max(lat) - min(lat))
-    ok = [i for i, p in enumerate(plans) if size_of(sizes, p) <= size_budget and bops[i] <= bops_budget
-          and lat[i] <= lat_budget * (1 + 1e-9)]
-    kwargs = dict(bits=bits, size_bytes=size_budget / 8, bops=bops_budget, macs=macs, latency=lat_budget + 1e-12,
+    lat_budget += 1e-12
+
+    def fits(i, slack):  # slack: the solver's feasibility tolerance on float rows
+        return (size_of(sizes, plans[i]) <= size_budget and bops[i] <= bops_budget * (1 + slack)
+                and lat[i] <= lat_budget * (1 + slack))
+
+    ok = [i for i in range(len(plans)) if fits(i, 0.0)]
+    kwargs = dict(bits=bits, size_bytes=size_budget / 8, bops=bops_budget, macs=macs, latency=lat_budget,
                   latency_table=table)
-    if not ok:
+    if not any(fits(i, 1e-6) for i in range(len(plans))):
         with pytest.raises(BudgetError, match="together"):
             allocate_bits(sizes, scores, **kwargs)
         return
     plan = allocate_bits(sizes, scores, **kwargs)
+    if not ok:  # feasible only within the solver's tolerance: either answer is right
+        return
     best = min(cost_of(scores, plans[i]) for i in ok)
     assert_feasible(plan, sizes, bits, {}, (), size_budget)
     assert plan.bops == pytest.approx(sum(macs[n] * b * 8 for n, b in plan.bits.items()))
-    assert plan.bops <= bops_budget * (1 + 1e-6) and plan.latency <= lat_budget * (1 + 1e-6) + 1e-12
+    assert plan.bops <= bops_budget * (1 + 1e-6) and plan.latency <= lat_budget * (1 + 1e-6)
     assert plan.objective <= best + 1e-6 * max(max(r.values()) for r in scores.values()) + 1e-12
 
 
