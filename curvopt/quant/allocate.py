@@ -9,7 +9,9 @@ for every quantizable layer, choose one width per layer that minimises the summe
 
 ``method="ilp"`` solves the one-hot integer program of HAWQ-V3 (Yao et al., 2021, eq. 7), generalised to any
 set of widths, with ``scipy.optimize.milp``; ``method="pareto"`` picks from HAWQ-V2's size/score frontier
-(Dong et al., 2020, sec. 3.3), computed exactly by a dynamic program over layers.
+(Dong et al., 2020, sec. 3.3), computed by a dynamic program over layers rather than a sweep of integer
+programs: one pass yields every frontier point, exactly (up to ``MAX_PARETO_POINTS`` points), where a sweep
+finds only the points at the budgets it tries.
 
 Size accounting counts only the quantized weights, ``numel * bits`` bits each; biases, norm layers and the
 quantization scales (one or two floats per channel or group) are not counted. When a model is given,
