@@ -78,15 +78,15 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "schedule": {"name": "none", "batch_size": 0, "max_batch_size": 0, "options": {}},
     "output": {"dir": "runs/train", "progress": True},
 }
-#: ``curvopt quantize``: a 5-layer MLP (the issue's pilot) that trains, is analysed and is quantized in
-#: well under a minute on two CPU cores.
+#: ``curvopt quantize``: a CNN with 4 convolutions (5 quantizable layers, about 80% test accuracy on mnist1d)
+#: that trains, is analysed and is quantized in well under a minute on two CPU cores.
 QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"arch": "mlp", "hidden": [128, 128, 128, 128], "checkpoint": "", "train_epochs": 10, "lr": 3e-3,
-              "seed": 0},
+    "model": {"arch": "cnn1d", "conv_layers": 4, "hidden": [128, 128, 128, 128], "checkpoint": "",
+              "train_epochs": 8, "lr": 3e-3, "seed": 0},
     "data": {"dataset": "mnist1d", "batch_size": 500},
     "loss": {"name": "cross_entropy"},
     "sensitivity": {"curvature": "", "score": "hawq_v2", "probes": 32, "method": "hutchpp",
-                    "samples": 1000, "seed": 0, "options": {}},
+                    "samples": 500, "seed": 0, "options": {}},
     "quantizer": {"name": "symmetric", "activation_bits": 0, "options": {}},
     "allocation": {"bits": [2, 3, 4, 8], "average_bits": [], "size_bytes": [], "method": "ilp", "fixed": {},
                    "random": 20},
@@ -129,6 +129,7 @@ RANGES: dict[tuple[str, str], tuple[float, bool]] = {
     ("train", "epochs"): (1, True),
     ("schedule", "batch_size"): (0, True),  # 0: [data] batch_size
     ("schedule", "max_batch_size"): (0, True),  # 0: batch_size (required by fb, gg, abs, absa)
+    ("model", "conv_layers"): (1, True),
     ("sensitivity", "probes"): (1, True),
     ("sensitivity", "samples"): (1, True),
     ("sensitivity", "seed"): (0, True),
@@ -224,13 +225,14 @@ def _dataset(config):
 def _model(config, features: int, classes: int) -> nn.Module:
     """The ``[model] arch`` network for inputs ``[N, features]``: the transformer and the LSTM
     read the signal as a sequence of patches of 4 values (:func:`curvopt.models.transformer`); the MLP
-    has the hidden widths ``[model] hidden`` (quantize configs; 128, 128 for the others)."""
+    has the hidden widths ``[model] hidden`` and the CNN ``[model] conv_layers`` convolutions (quantize
+    configs; 128, 128 and 2 for the others)."""
     from curvopt.models import cnn1d, lstm, mlp, transformer
 
     torch.manual_seed(config["model"]["seed"])
     arch = config["model"]["arch"]
     if arch == "cnn1d":
-        return cnn1d(length=features, classes=classes)
+        return cnn1d(length=features, classes=classes, conv_layers=config["model"].get("conv_layers", 2))
     if arch == "transformer":
         return transformer(features, classes)
     if arch == "lstm":

@@ -10,11 +10,11 @@ import torch
 
 from curvopt.cli import QUANTIZE_DEFAULTS, load_config, main
 
-#: The default config, made tiny: a 3-hidden-layer MLP on digits, 2 epochs, 4 probes, 256 samples.
+#: The default config, made tiny: the CNN with 2 convolutions on digits, 1 epoch, 4 probes, 256 samples.
 TINY = """
 [model]
-hidden = [32, 32, 32]
-train_epochs = 2
+conv_layers = 2
+train_epochs = 1
 [data]
 dataset = "digits"
 batch_size = 128
@@ -56,8 +56,8 @@ def test_default_pipeline_end_to_end(tmp_path, capsys):
             "measured_table", "fp32", "uniform", "budgets", "pareto", "finetune_epochs", "config"} <= set(result)
     assert result["score"] == "hawq_v2" and result["curvature"] == "hessian"
     assert result["calibration_samples"] == 256 and result["finetune_epochs"] == 0
-    weights = 64 * 32 + 32 * 32 * 2 + 32 * 10
-    assert result["model"]["weights"] == weights and list(result["model"]["quantizable"]) == ["0", "2", "4", "6"]
+    weights = 1 * 32 * 5 + 32 * 32 * 5 + 32 * 32 * 10  # two 5-tap convolutions, a linear layer on 32 x 32
+    assert result["model"]["weights"] == weights and list(result["model"]["quantizable"]) == ["1", "3", "6"]
     assert result["fp32"]["size_bytes"] == 4 * weights and result["fp32"]["compression"] == 1.0
 
     uniform = {r["method"]: r for r in result["uniform"]}
@@ -109,6 +109,7 @@ def test_size_budgets_fixed_layers_pareto_and_qat(tmp_path, capsys):
     weights = 64 * 16 + 16 * 16 + 16 * 10
     text = f"""
 [model]
+arch = "mlp"
 hidden = [16, 16]
 checkpoint = "{ckpt}"
 [data]
