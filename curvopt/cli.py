@@ -40,6 +40,7 @@ import sys
 import time
 import tomllib
 import warnings
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -499,8 +500,9 @@ def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[st
     """Each ``[allocation]`` budget: its label, the :func:`~curvopt.quant.allocate_bits` keyword that sets it,
     the uniform width of exactly that size (``None`` if no uniform plan has it) and its size in bits.
 
-    A budget equal to a uniform plan's average (or size) becomes that plan's exact ``size_bytes``, so that
-    mixed and uniform precision are compared at equal size. Every budget is tried once with all-zero scores
+    The allocator reads a budget exactly (``floor(average_bits * weights)`` bits, in rationals), so a budget
+    equal to a uniform plan's average (or size) is exactly that plan's size: mixed and uniform precision are
+    compared at equal size. Every budget is tried once with all-zero scores
     (an integer program over a few layers: no data, no model pass), so that a budget no allocation meets, or
     fixed layers that do not fit it, fail before any computation.
 
@@ -516,7 +518,7 @@ def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[st
     if a["size_bytes"]:
         for size in a["size_bytes"]:
             match = next((b for b, p in uniform.items() if p.size_bytes == size), None)
-            budgets.append({"label": f"{size:g} B", "size_bytes": float(size), "average_bits": None,
+            budgets.append({"label": f"{size:g} B", "size_bytes": size, "average_bits": None,
                             "uniform_bits": match})
     else:
         for avg in a["average_bits"] or [DEFAULT_AVERAGE_BITS]:
@@ -526,23 +528,17 @@ def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[st
     weights = uniform[bits[0]].size_bits // bits[0]  # quantized weights in all
     zeros = {name: dict.fromkeys(sorted(set(bits) | set(fixed.values())), 0.0) for name in uniform[bits[0]].bits}
     for budget in budgets:
-        match = budget["uniform_bits"]
-        if match is not None:  # exactly the uniform plan's size, whatever the allocator's rounding of averages
-            budget["kwargs"] = {"size_bytes": uniform[match].size_bytes}
-        elif budget["size_bytes"] is not None:
-            budget["kwargs"] = {"size_bytes": budget["size_bytes"]}
-        else:
-            budget["kwargs"] = {"average_bits": budget["average_bits"]}
+        by_size = budget["size_bytes"] is not None
+        budget["kwargs"] = ({"size_bytes": budget["size_bytes"]} if by_size else
+                            {"average_bits": budget["average_bits"]})
+        # the size in bits, as the allocator reads it; random allocations get it too
+        budget["size_bits"] = math.floor(Fraction(budget["size_bytes"]) * 8 if by_size else
+                                         Fraction(budget["average_bits"]) * weights)
         try:
-            allocate_bits(model, zeros, bits=bits, method=a["method"], fixed=fixed or None,
-                                 **budget["kwargs"])
+            allocate_bits(model, zeros, bits=bits, method=a["method"], fixed=fixed or None, **budget["kwargs"])
         except CurvoptError as e:  # BudgetError (with the reachable range), bad fixed widths
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"[allocation] budget {budget['label']}: {first}") from e
-        # the size random allocations get: the uniform plan's, else the budget's own
-        budget["size_bits"] = (uniform[match].size_bits if match is not None else
-                               math.floor(budget["size_bytes"] * 8) if budget["size_bytes"] is not None else
-                               math.floor(budget["average_bits"] * weights))
     return budgets
 
 
@@ -676,7 +672,7 @@ def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict
             if randoms and key in randoms[0]:
                 summary[f"{key}_mean"], summary[f"{key}_std"] = _stats([r[key] for r in randoms])
         results.append({"budget": budget["label"], "average_bits": budget["average_bits"],
-                        "size_bytes": budget["kwargs"].get("size_bytes", budget["size_bytes"]),
+                        "size_bytes": budget["size_bits"] / 8,
                         "size_bits": budget["size_bits"], "uniform_bits": budget["uniform_bits"], "mixed": mixed,
                         "random": summary, "measured": measured_row})
     quantizable = {name: int(mod.weight.numel()) for name, mod in quantizable_modules(model).items()}

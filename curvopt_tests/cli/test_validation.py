@@ -191,3 +191,86 @@ def test_lstm_arch_is_built():
     model = cli._model(config, 40, 10)
     assert any(isinstance(m, nn.LSTM) for m in model.modules())
     assert model(torch.randn(3, 40)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[allocaton]\n", "unknown section [allocaton]"),
+    ("[allocation]\nbudget = 3\n", "unknown key 'budget' in [allocation]"),
+    ("[sensitivity]\nscore = 'hawq_v3'\n", "score = 'hawq_v3'; valid: hawq_v2, hawq_v1, qbert, fisher, gptq"),
+    ("[sensitivity]\ncurvature = 'hesian'\n", "[sensitivity] curvature = 'hesian'; valid:"),
+    ("[sensitivity]\nscore = 'fisher'\ncurvature = 'hessian'\n", "score = 'fisher' needs curvature = one of"),
+    ("[sensitivity]\nprobes = 0\n", "[sensitivity] probes = 0"),
+    ("[sensitivity]\nsamples = 0\n", "[sensitivity] samples = 0"),
+    ("[sensitivity]\noptions = { probes = 3 }\n", "[sensitivity] options in"),
+    ("[quantizer]\nname = 'nf4'\n", "[quantizer] name = 'nf4'; valid: symmetric, asymmetric"),
+    ("[quantizer]\noptions = { clip = 'mse' }\n", "unknown option 'clip'"),
+    ("[quantizer]\noptions = { clipping = 'max' }\n", "[quantizer] symmetric with options"),
+    ("[quantizer]\nactivation_bits = 1\n", "[quantizer] activation_bits = 1"),
+    ("[allocation]\nmethod = 'greedy'\n", "[allocation] method = 'greedy'; valid: ilp, pareto"),
+    ("[allocation]\nbits = [1, 4]\n", "[allocation] bits = [1, 4]"),
+    ("[allocation]\nbits = [4, 9]\n", "[allocation] bits = [4, 9]"),
+    ("[allocation]\nbits = []\n", "[allocation] bits = []"),
+    ("[allocation]\nbits = [4, 4]\n", "lists a width twice"),
+    ("[allocation]\nbits = ['4']\n", "[allocation] bits = ['4']"),
+    ("[allocation]\naverage_bits = [1.5]\n", "average_bits = 1.5 in"),
+    ("[allocation]\nbits = [3, 4]\naverage_bits = [3.5, 2.5]\n", "min(bits) = 3 bits"),
+    ("[allocation]\naverage_bits = [3.0]\nsize_bytes = [1000]\n", "both average_bits and size_bytes"),
+    ("[allocation]\nsize_bytes = [-1]\n", "[allocation] size_bytes = [-1]"),
+    ("[allocation]\naverage_bits = nan\n", "[allocation] average_bits = [nan]"),
+    ("[allocation]\naverage_bits = 'three'\n", "average_bits = 'three' should be a list"),
+    ("[allocation]\nfixed = { first = 1 }\n", "[allocation] fixed = { first = 1 }"),
+    ("[allocation]\nrandom = -1\n", "[allocation] random = -1"),
+    ("[finetune]\nepochs = -1\n", "[finetune] epochs = -1"),
+    ("[finetune]\nlr = 0\n", "[finetune] lr = 0.0"),
+    ("[model]\narch = 'resnet'\n", "arch = 'resnet'; valid: cnn1d, mlp"),
+    ("[model]\nhidden = [0]\n", "[model] hidden = [0]"),
+    ("[model]\nconv_layers = 0\n", "[model] conv_layers = 0"),
+])
+def test_bad_quantize_values_fail_before_any_computation(tmp_path, capsys, no_computation, text, message):
+    assert main(["quantize", "--config", _write(tmp_path, text)]) == 2
+    _one_line_error(capsys, message)
+
+
+@pytest.fixture
+def no_analysis(monkeypatch):
+    """Building the data and the model is allowed (the checks against the model's sizes need it); training,
+    sensitivity and allocation are not."""
+    import curvopt
+    import curvopt.quant.allocate as allocate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computation started before the config was validated")
+
+    monkeypatch.setattr(cli, "_train", refuse)
+    monkeypatch.setattr(curvopt, "sensitivity", refuse)
+    real = allocate.allocate_bits
+
+    def zero_scores_only(model, scores, **kwargs):  # the budget check's dry run, on all-zero scores
+        assert all(v == 0 for row in scores.values() for v in row.values()), "allocated on real scores"
+        return real(model, scores, **kwargs)
+
+    monkeypatch.setattr(allocate, "allocate_bits", zero_scores_only)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("[allocation]\nfixed = { '9' = 8 }\n", "fixed names '9', not a quantizable module of the mlp; quantizable "
+                                            "modules: 0, 2, 4 (or first, last)"),
+    ("[allocation]\nfixed = { first = 8, '0' = 4 }\n", "fixed sets module '0' to both 8 and 4 bits"),
+    ("[allocation]\nsize_bytes = [100]\n", "budget 100 B: size_bytes=100 is below the smallest allocation: at "
+                                           "least 360 bytes"),
+    ("[allocation]\naverage_bits = [2.0]\nfixed = { first = 8, last = 8 }\n",
+     "budget 2-bit avg: average_bits=2.0 is below the smallest allocation"),
+    ("[sensitivity]\ncurvature = 'ggn'\noptions = { mc_sample = 3 }\n", "unknown option(s) 'mc_sample'"),
+])
+def test_quantize_checks_against_the_model_come_before_training(tmp_path, capsys, no_analysis, text, message):
+    head = "[model]\narch = 'mlp'\nhidden = [16, 16]\n[data]\ndataset = 'digits'\n[output]\nprogress = false\n"
+    assert main(["quantize", "--config", _write(tmp_path, head + text)]) == 2
+    _one_line_error(capsys, message)
+
+
+def test_quantize_reads_the_checkpoint_before_the_data(tmp_path, capsys, no_computation):
+    cases = _checkpoints(tmp_path)
+    for name in ("module.pt", "tensor.pt", "garbage.pt"):
+        cfg = _write(tmp_path, f"[model]\narch = 'mlp'\ncheckpoint = '{tmp_path / name}'\n")
+        assert main(["quantize", "--config", cfg]) == 2
+        _one_line_error(capsys, cases[name])
