@@ -100,7 +100,8 @@ def test_default_pipeline_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore:sensitivity.*is negative")  # an untrained model's curvature is indefinite
-def test_size_budgets_fixed_layers_pareto_and_qat(tmp_path, capsys):
+@pytest.mark.parametrize("score,activation_bits", [("gptq", 0), ("measured", 8)])
+def test_size_budgets_fixed_layers_pareto_and_qat(tmp_path, capsys, score, activation_bits):
     from curvopt.models import mlp
 
     torch.manual_seed(3)
@@ -116,8 +117,11 @@ checkpoint = "{ckpt}"
 dataset = "digits"
 batch_size = 128
 [sensitivity]
+score = "{score}"
 probes = 3
 samples = 128
+[quantizer]
+activation_bits = {activation_bits}
 [allocation]
 size_bytes = [{weights // 2}, 600]
 method = "pareto"
@@ -132,9 +136,9 @@ plots = false
 """
     assert main(["quantize", "--config", _write(tmp_path, text), "--out", str(tmp_path / "q")]) == 0
     out = capsys.readouterr().out
-    assert "loaded" in out and "QAT acc" in out and "hawq_v2 (pareto)" in out
+    assert "loaded" in out and "QAT acc" in out and f"{score} (pareto)" in out
     result = json.loads((tmp_path / "q" / "quantize.json").read_text())
-    assert result["fixed"] == {"4": 8} and result["finetune_epochs"] == 1
+    assert result["fixed"] == {"4": 8} and result["finetune_epochs"] == 1 and result["score"] == score
     first, second = result["budgets"]
     assert first["uniform_bits"] == 4 and first["size_bits"] == 4 * weights  # 720 B: uniform 4-bit's size
     assert second["uniform_bits"] is None and second["size_bits"] == 600 * 8
@@ -143,6 +147,8 @@ plots = false
         assert all(r["bits"]["4"] == 8 and r["size_bits"] <= budget["size_bits"] for r in rows)
         assert all(0 <= r["qat_accuracy"] <= 1 and math.isfinite(r["qat_loss"]) for r in rows)
         assert budget["mixed"]["plan"]["method"] == "pareto"
+        if score == "measured":  # the configured score is the measured one: one allocation
+            assert budget["measured"]["bits"] == budget["mixed"]["bits"]
         assert "qat_accuracy_mean" in budget["random"]
     assert all("qat_accuracy" in r for r in result["uniform"]) and "qat_accuracy" not in result["fp32"]
 
