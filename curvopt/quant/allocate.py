@@ -428,6 +428,17 @@ def _milp(groups: list[_Group], rows: list[tuple[list[np.ndarray], float, str]])
         constraints.append(LinearConstraint(a[None, :], -np.inf, ub))
     res = milp(c, integrality=np.ones(nvar), bounds=Bounds(0, 1), constraints=constraints,
                options={"mip_rel_gap": 0.0})
+    if res.x is not None and res.status == 0:
+        # Ties (layers whose score is 0 at several widths, e.g. a clipped measured increase): among the
+        # allocations of least score, spend the budget -- the one with the most weight bits. A second solve
+        # with the score pinned at its optimum; kept only when the solver confirms it.
+        size = np.concatenate([groups[gi].size for gi in free]).astype(float)
+        size = size / (size.max() or 1.0)
+        pinned = constraints + [LinearConstraint(c[None, :], -np.inf, float(c @ res.x) + 1e-9)]
+        second = milp(-size, integrality=np.ones(nvar), bounds=Bounds(0, 1), constraints=pinned,
+                      options={"mip_rel_gap": 0.0})
+        if second.x is not None and second.status == 0 and float(c @ second.x) <= float(c @ res.x) + 1e-9:
+            res = second
     if res.status == 2 and len(rows) > 1:
         raise BudgetError("no allocation meets " + " and ".join(r[2] for r in rows) + " together (each alone is "
                           "reachable); loosen one of them")
@@ -465,6 +476,9 @@ def allocate_bits(model_or_sizes: nn.Module | Mapping[str, int], scores: Any, *,
     * ``bops`` with ``macs={name: MACs per sample}``: BOPs = MACs * weight bits * ``activation_bits``
       (``activation_bits="same"``: activations at the layer's weight width, as in HAWQ-V3's configurations);
     * ``latency`` with ``latency_table={name: {bits: seconds}}``.
+
+    Among allocations of equal least score (widths a score does not tell apart) the integer program takes
+    the one with the most weight bits within the budgets.
 
     ``method="pareto"`` (size budget only) returns HAWQ-V2's choice instead: the point of the exact size/score
     frontier with the largest size within budget. Both return the frontier as ``plan.pareto``.

@@ -517,3 +517,25 @@ def test_budget_above_the_largest_model_takes_the_best_allocation():
         warnings.simplefilter("error")
         plan = allocate_bits(SIZES, SCORES, bits=(2, 4, 8), average_bits=100.0)
     assert plan.bits == {"a": 8, "b": 8} and plan.objective == 0.0
+
+
+@given(instances(with_fixed_and_ties=False))
+def test_ilp_among_least_score_allocations_spends_the_budget(inst):
+    """Scores that tie across widths (a clipped measured increase is 0 at every width it does not hurt): the
+    ILP keeps the least score and, among those allocations, the largest size within the budget."""
+    sizes, bits, scores, _, _, frac = inst
+    mid = bits[len(bits) // 2]
+    scores = {n: {b: (0.0 if b >= mid else s) for b, s in row.items()} for n, row in scores.items()}
+    budget = budget_between(sizes, bits, {}, (), frac)
+    plan = allocate_bits(sizes, scores, bits=bits, size_bytes=budget / 8)
+    within = [p for p in enumerate_plans(sizes, bits) if size_of(sizes, p) <= budget]
+    best = min(cost_of(scores, p) for p in within)
+    assert plan.objective == pytest.approx(best, abs=1e-9)
+    largest = max(size_of(sizes, p) for p in within if cost_of(scores, p) <= best + 1e-9)
+    assert plan.size_bits == largest
+
+
+def test_zero_scores_fill_the_budget():
+    plan = allocate_bits({"a": 10, "b": 10}, {"a": {2: 0.0, 8: 0.0}, "b": {2: 0.0, 8: 0.0}}, bits=(2, 8),
+                         average_bits=5.0)
+    assert plan.size_bits == 100 and sorted(plan.bits.values()) == [2, 8]
