@@ -20,9 +20,11 @@ six quantizable layers each (``--width`` scales their widths; ``--quick`` uses a
    (``allocate_bits(method="ilp")``) within that size, and ``--random`` allocations of that size
    (``random_plans``: random widths, then maximal within the budget);
 3. each plan's test accuracy after post-training quantization (PTQ: ``fake_quantized``) and, reported apart,
-   after ``--qat-epochs`` epoch(s) of straight-through QAT (``curvopt.quant.finetune``, Adam lr ``--qat-lr``,
-   from the trained weights; for the random plans only the first ``--random-qat`` of each seed); plus one
-   PTQ row of the ``hawq_v2`` plan at 3 bits with ``--activation-bits``-bit activations (calibrated ranges).
+   for the plans at the budgets ``--qat-budgets`` (default 3 bits) of the kinds ``--qat-methods`` (default
+   uniform, each score's plan and the first ``--random-qat`` random plans of each seed), after
+   ``--qat-epochs`` epoch(s) of straight-through QAT (``curvopt.quant.finetune``, Adam lr ``--qat-lr``, batch
+   ``--batch``, from the trained weights); plus one PTQ row of the ``hawq_v2`` plan at 3 bits with
+   ``--activation-bits``-bit activations (input ranges calibrated on the calibration set).
 
 Accuracy is mean +- std over seeds (random rows: over all plans of all seeds). Size: bytes of the quantized
 weights (``BitPlan.size_bytes``; scales, biases not counted), compression = fp32 bytes / size. Targets
@@ -31,6 +33,10 @@ above the mean of the random allocations of that size. Also: each score's Spearm
 measured test-loss increase per layer at 3 bits (each layer quantized alone), and the seconds it took.
 Plots under ``--out`` (seed 0): the hawq_v2 size/objective Pareto frontier and the PTQ accuracy of frontier
 points, uniform, random and each score's plans against size; results.json holds every number.
+
+Cost: QAT dominates (its quantizer re-fits the MSE clip of every planned layer at each step: about 20 s per
+epoch of the MLP on one core); ``--qat-methods uniform,hawq_v2,random --random-qat 2`` keeps a 3-seed run of
+the three models near a quarter of an hour on a busy 2-core CPU.
 
 Usage: ``python benchmarks/quantization.py [--quick] [--models mlp,cnn1d,digits_cnn] [--seeds 3] [--threads 1]``
 """
@@ -168,25 +174,51 @@ def objective(plan_bits: dict[str, int], table: dict[str, dict[int, float]]) -> 
     return math.fsum(table[n][b] for n, b in plan_bits.items())
 
 
+class CachedQuantizer:
+    """``quantizer`` with its ``Q_b(W)`` remembered per weight and width: PTQ of a hundred plans of one trained
+    model quantizes each layer once per width. A hit needs the weight's values unchanged (checked)."""
+
+    def __init__(self, quantizer: Quantizer) -> None:
+        self.quantizer = quantizer
+        self.cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def quantize(self, weight: torch.Tensor, bits: int) -> torch.Tensor:
+        key = (weight.data_ptr(), bits)
+        hit = self.cache.get(key)
+        if hit is not None and hit[0].shape == weight.shape and torch.equal(hit[0], weight):
+            return hit[1].clone()
+        q = self.quantizer.quantize(weight, bits)
+        self.cache[key] = (weight.detach().clone(), q.detach().clone())
+        return q
+
+
 class Evaluator:
-    """PTQ and QAT accuracy of plans on one trained model."""
+    """PTQ and QAT accuracy of plans on one trained model; seconds spent on each."""
 
     def __init__(self, model: nn.Module, data: Dataset, quantizer: Quantizer, seed: int, args: argparse.Namespace):
         self.model, self.data, self.quantizer, self.seed, self.args = model, data, quantizer, seed, args
+        self.cached = CachedQuantizer(quantizer)
+        self.seconds = {"ptq": 0.0, "qat": 0.0}
 
     def ptq(self, bits: dict[str, int], **kwargs) -> float:
-        with fake_quantized(self.model, bits, self.quantizer, **kwargs):
-            return accuracy(self.model, self.data)
+        t = time.perf_counter()
+        with fake_quantized(self.model, bits, self.cached, **kwargs):
+            acc = accuracy(self.model, self.data)
+        self.seconds["ptq"] += time.perf_counter() - t
+        return acc
 
     def qat(self, bits: dict[str, int]) -> float | None:
         if self.args.qat_epochs < 1:
             return None
+        t = time.perf_counter()
         model = copy.deepcopy(self.model)  # QAT moves the latent weights: every plan starts from the trained ones
         loader = self.data.loader(self.args.batch, shuffle=True, seed=self.seed)
         finetune(model, bits, loader, epochs=self.args.qat_epochs, lr=self.args.qat_lr, quantizer=self.quantizer,
                  seed=self.seed)
         with fake_quantized(model, bits, self.quantizer):
-            return accuracy(model, self.data)
+            acc = accuracy(model, self.data)
+        self.seconds["qat"] += time.perf_counter() - t
+        return acc
 
 
 def run_seed(name: str, data: Dataset, seed: int, args: argparse.Namespace) -> dict:
@@ -223,18 +255,20 @@ def run_seed(name: str, data: Dataset, seed: int, args: argparse.Namespace) -> d
         entries.append(e)
         return e
 
+    qat_at = set(args.qat_budget_list)
     for b in bits:
-        add("uniform", None, uniform_plan(model, b))
+        add("uniform", None, uniform_plan(model, b), qat=b in qat_at and "uniform" in args.qat_method_list)
     pareto = []
     for budget in args.budget_list:
         for score, table in tables.items():
             plan = allocate_bits(model, table, bits=bits, average_bits=budget, method="ilp")
-            add(score, budget, plan)
+            add(score, budget, plan, qat=budget in qat_at and score in args.qat_method_list)
             if score == HAWQ and budget == args.budget_list[0]:
                 pareto = plan.pareto
         size_bits = math.floor(budget * numel)
         for i, plan in enumerate(random_plans(model, bits, size_bits, args.random, seed=seed)):
-            add("random", budget, plan, qat=i < args.random_qat)
+            add("random", budget, plan,
+                qat=budget in qat_at and "random" in args.qat_method_list and i < args.random_qat)
     if args.activation_bits and HAWQ in tables and TARGET_BITS in args.budget_list:
         plan = allocate_bits(model, tables[HAWQ], bits=bits, average_bits=TARGET_BITS, method="ilp")
         add(f"{HAWQ}+a{args.activation_bits}", TARGET_BITS, plan, qat=False,
@@ -246,6 +280,7 @@ def run_seed(name: str, data: Dataset, seed: int, args: argparse.Namespace) -> d
             frontier.append({"size_bytes": p.size_bytes, "objective": p.objective, "ptq": ev.ptq(p.bits),
                              "bits": dict(p.bits)})
     return {"entries": entries, "seconds": seconds, "spearman": rho, "truth": truth, "train_s": train_s,
+            "ptq_s": ev.seconds["ptq"], "qat_s": ev.seconds["qat"],
             "tables": {s: {n: {str(b): v for b, v in row.items()} for n, row in t.items()}
                        for s, t in tables.items()},
             "frontier": frontier, "numel": numel}
@@ -389,6 +424,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--random-qat", type=int, default=5, help="of which fine-tuned (QAT)")
     parser.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs (0: PTQ only)")
     parser.add_argument("--qat-lr", type=float, default=1e-4, help="QAT Adam lr")
+    parser.add_argument("--qat-budgets", default="3", help="average bits whose uniform, score and random plans "
+                                                           "are also fine-tuned")
+    parser.add_argument("--qat-methods", default=",".join(("uniform", *SCORES, "random")),
+                        help="the plans fine-tuned at those budgets: uniform, score names, random")
     parser.add_argument("--activation-bits", type=int, default=8, help="the activation row's width (0: none)")
     parser.add_argument("--pareto-points", type=int, default=24, help="frontier plans evaluated for the plot")
     parser.add_argument("--out", default="runs/quantization", help="folder of the plots and results.json")
@@ -404,6 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.score_names = [s for s in args.scores.split(",") if s]
     args.bit_widths = [int(b) for b in args.bits.split(",") if b]
     args.budget_list = [float(b) for b in args.budgets.split(",") if b]
+    args.qat_budget_list = [float(b) for b in args.qat_budgets.split(",") if b]
+    args.qat_method_list = [m for m in args.qat_methods.split(",") if m]
     for name in args.model_names:
         if name not in MODELS:
             raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
@@ -436,8 +477,9 @@ def run(args: argparse.Namespace) -> dict:
                 res = run_seed(name, data, seed, args)
                 results.append(res)
                 fp = res["entries"][0].ptq
-                print(f"  done {name} seed {seed}: fp32 {100 * fp:.1f}%, trained in {res['train_s']:.0f} s, "
-                      f"{time.perf_counter() - t:.0f} s in all", flush=True)
+                print(f"  done {name} seed {seed}: fp32 {100 * fp:.1f}%, {time.perf_counter() - t:.0f} s: "
+                      f"training {res['train_s']:.0f}, scores {sum(res['seconds'].values()):.0f}, "
+                      f"PTQ {res['ptq_s']:.0f}, QAT {res['qat_s']:.0f}", flush=True)
             entries = [e for r in results for e in r["entries"]]
             model_rows = rows_of(name, entries, args)
             rows += model_rows
