@@ -3,6 +3,7 @@ float64 reference matrices built independently with ``torch.func``."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -154,3 +155,18 @@ def block_mask(op) -> torch.Tensor:
         idx = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in block.indices])
         mask[idx.unsqueeze(1), idx.unsqueeze(0)] = True
     return mask
+
+
+def model_state(model):
+    """What looking at a model must leave as found: parameters and buffers, train/eval flags, the global RNG."""
+    return (copy.deepcopy(model.state_dict()), {n: m.training for n, m in model.named_modules()},
+            torch.get_rng_state())
+
+
+def assert_same_state(model, before):
+    """``model`` is as :func:`model_state` recorded it in ``before``."""
+    params, modes, rng = before
+    after = model.state_dict()
+    assert all(torch.equal(params[k], after[k]) for k in params), "parameters or buffers changed"
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert torch.equal(torch.get_rng_state(), rng), "the global random state advanced"

@@ -17,6 +17,7 @@ from torch.func import functional_call
 import curvopt
 from curvopt.curvature.model_state import curvature_pass
 from curvopt.errors import EmptyDataError
+from curvopt_tests.problems import assert_same_state, model_state
 
 
 def _mlp():
@@ -145,19 +146,6 @@ class _BNDrop(nn.Module):
         return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
 
 
-def _state(model):
-    return (copy.deepcopy(model.state_dict()), {n: m.training for n, m in model.named_modules()},
-            torch.get_rng_state())
-
-
-def _assert_same_state(model, before):
-    params, modes, rng = before
-    after = model.state_dict()
-    assert all(torch.equal(params[k], after[k]) for k in params), "parameters or buffers changed"
-    assert {n: m.training for n, m in model.named_modules()} == modes
-    assert torch.equal(torch.get_rng_state(), rng), "the global random state advanced"
-
-
 def _bn_problem(dropout=0.3):
     torch.manual_seed(4)
     model = _BNDrop(dropout).double().train()
@@ -168,9 +156,9 @@ def _bn_problem(dropout=0.3):
 def test_loss_landscape_leaves_train_mode_batchnorm_dropout_and_rng_as_found():
     model, data, *_ = _bn_problem()
     d = curvopt.random_direction(model, seed=0)
-    before = _state(model)
+    before = model_state(model)
     first = curvopt.loss_landscape(model, nn.CrossEntropyLoss(), data, [d], steps=3)
-    _assert_same_state(model, before)
+    assert_same_state(model, before)
     second = curvopt.loss_landscape(model, nn.CrossEntropyLoss(), data, [d], steps=3)
     assert torch.equal(first.losses, second.losses)  # one dropout mask per batch: one function
 
@@ -187,9 +175,9 @@ def test_loss_landscape_in_train_mode_is_the_batch_statistics_loss():
 
 def test_sensitivity_leaves_train_mode_batchnorm_dropout_and_rng_as_found():
     model, data, *_ = _bn_problem()
-    before = _state(model)
+    before = model_state(model)
     report = curvopt.sensitivity(model, data, probes=6, top_eigenvalue=True)
-    _assert_same_state(model, before)
+    assert_same_state(model, before)
     assert report["bn"].status == "ok"
 
 

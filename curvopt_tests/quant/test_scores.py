@@ -4,7 +4,6 @@ Curvature references are dense blocks by reverse-over-reverse (``torch.autograd.
 Hutch++ with ``probes >= 3 P`` spans the whole space, so its block traces are exact.
 """
 
-import copy
 import math
 
 import pytest
@@ -21,6 +20,7 @@ from curvopt.curvature.model_state import curvature_pass
 from curvopt.errors import OptionError, QuantizationError, UnsupportedModuleError
 from curvopt.quant import Quantizer, quantizable_modules
 from curvopt.quant.scores import SCORE_NAMES, data_subsets
+from curvopt_tests.problems import assert_same_state, model_state
 
 
 def _problem(seed=0, n=24):
@@ -44,19 +44,6 @@ def _weight_block(model, loss_fn, X, y, name):
 
 def _probes(model):
     return 3 * sum(p.numel() for p in model.parameters()) + 3
-
-
-def _state(model):
-    return (copy.deepcopy(model.state_dict()), {n: m.training for n, m in model.named_modules()},
-            torch.get_rng_state())
-
-
-def _assert_same_state(model, before):
-    params, modes, rng = before
-    after = model.state_dict()
-    assert all(torch.equal(params[k], after[k]) for k in params), "parameters or buffers changed"
-    assert {n: m.training for n, m in model.named_modules()} == modes
-    assert torch.equal(torch.get_rng_state(), rng), "the global random state advanced"
 
 
 # ----------------------------------------------------------------------------- curvature scores
@@ -212,9 +199,9 @@ def test_measured_is_the_loss_with_only_that_layer_quantized_minus_full_precisio
     model, data, X, y = _problem(6)
     loss_fn = nn.CrossEntropyLoss()
     q = Quantizer(symmetric=False)
-    before = _state(model)
+    before = model_state(model)
     report = curvopt.sensitivity(model, data, score="measured", probes=0, quantizer=q, measured_bits=(2, 8))
-    _assert_same_state(model, before)
+    assert_same_state(model, before)
     with torch.no_grad():
         base = float(loss_fn(model(X), y))
         assert math.isclose(report.full_precision_loss, base, rel_tol=1e-12)
@@ -267,9 +254,9 @@ def test_every_score_leaves_the_model_as_found_and_covers_every_quantizable_modu
     model = _Net().double().train()
     X, y = torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,))
     data = [(X[:12], y[:12]), (X[12:], y[12:])]
-    before = _state(model)
+    before = model_state(model)
     report = curvopt.sensitivity(model, data, score=score, probes=12, bits=3, measured_bits=(2, 3))
-    _assert_same_state(model, before)
+    assert_same_state(model, before)
     table = report.score_table(model, [2, 3])
     assert set(table) == {"frozen", "unused", "head"}
     assert all(math.isfinite(v) and v >= 0 for row in table.values() for v in row.values())
