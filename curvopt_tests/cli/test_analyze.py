@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from curvopt.cli import load_config, main
+from curvopt_tests.cli.configs import write_config as _write
 
 SMALL = """
 [model]
@@ -28,10 +29,6 @@ plots = {plots}
 """
 
 
-def _write(tmp_path, text, name="cfg.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
 
 
 def test_analyze_small_run_prints_and_writes(tmp_path, capsys):

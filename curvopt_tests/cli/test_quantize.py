@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from curvopt.cli import QUANTIZE_DEFAULTS, load_config, main
+from curvopt_tests.cli.configs import write_config as _write
 
 #: The default config, made tiny: the CNN with 2 convolutions on digits, 1 epoch, 4 probes, 256 samples.
 TINY = """
@@ -29,10 +30,6 @@ plots = {plots}
 """
 
 
-def _write(tmp_path, text, name="cfg.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
 
 
 def _plots() -> str:

@@ -9,12 +9,7 @@ from torch import nn
 
 import curvopt.cli as cli
 from curvopt.cli import main
-
-
-def _write(tmp_path, text, name="cfg.toml"):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
+from curvopt_tests.cli.configs import write_config as _write
 
 
 @pytest.fixture
