@@ -325,7 +325,7 @@ def label(r: dict) -> str:
     if r["method"] == "uniform":
         return f"uniform {r['w_bits']:g}-bit"
     if r["method"] == "random":
-        return f"random @ {r['budget']:g} (n={r['n']})"
+        return f"random @ {r['budget']:g} ({r['n']} plans, {len(r['qat'])} with QAT)"
     what = "HAWQ-V2 MP" if r["method"] == HAWQ else (
         "HAWQ-V2 MP, 8-bit act." if r["method"].startswith(HAWQ + "+") else f"{r['method']} MP")
     return f"{what} @ {r['budget']:g}"
