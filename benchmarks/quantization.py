@@ -18,7 +18,8 @@ six quantizable layers each (``--width`` scales their widths; ``--quick`` uses a
 2. the plans: uniform b bits for each b of ``--bits``; for each budget of ``--budgets`` (average bits 3, 4,
    2.5; the size of uniform b bits is ``b * weights`` bits), each score's ILP allocation
    (``allocate_bits(method="ilp")``) within that size, and ``--random`` allocations of that size
-   (``random_plans``: random widths, then maximal within the budget);
+   (``random_plans``: drawn uniformly among the allocations whose size lies within 1% below the largest
+   size reachable within the budget);
 3. each plan's test accuracy after post-training quantization (PTQ: ``fake_quantized``) and, reported apart,
    for the plans at the budgets ``--qat-budgets`` (default 3 bits) of the kinds ``--qat-methods`` (default
    uniform, each score's plan and the first ``--random-qat`` random plans of each seed), after
