@@ -1,9 +1,6 @@
 # %% [markdown]
 # # Hessian-aware mixed-precision quantization (HAWQ), end to end
 #
-# (Issue 13 asks for this tutorial as `06_quantization.py`; 06 is the batch-size tutorial, so
-# this one is 07.)
-#
 # Quantizing every layer of a network to the same few bits hurts some layers much more than
 # others. HAWQ (Dong et al., 2019, 2020; Yao et al., 2021) measures how sensitive each layer is
 # with second-order information -- the average Hessian trace of its weights times the squared
@@ -30,9 +27,7 @@ from torch import nn
 import curvopt
 from curvopt.data import mnist1d
 from curvopt.models import mlp
-from curvopt.quant import Quantizer, fake_quantized
-from curvopt.quant.allocate import allocate_bits, random_plans, uniform_plan
-from curvopt.quant.finetune import finetune
+from curvopt.quant import Quantizer, allocate_bits, fake_quantized, finetune, random_plans, uniform_plan
 
 data = mnist1d(num_samples=5000)  # 4000 training, 1000 test samples
 torch.manual_seed(0)
