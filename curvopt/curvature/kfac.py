@@ -193,16 +193,41 @@ def factored_inverses_cholesky(
     """The :func:`factored_inverses` from the factors themselves, by Cholesky (several times
     cheaper than an eigendecomposition); a factor that is not numerically positive definite
     after damping falls back to its eigendecomposition with the eigenvalues clamped at 0."""
-    pi = _pi(A.diagonal().mean(), G.diagonal().mean())
-    return _damped_inverse(A, pi * damping**0.5), _damped_inverse(G, damping**0.5 / pi)
+    return factored_inverses_cholesky_many([(A, G, damping)])[0]
 
 
-def _damped_inverse(M: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    L, info = torch.linalg.cholesky_ex(M + shift * torch.eye(M.shape[0], dtype=M.dtype, device=M.device))
-    if int(info) == 0:
-        return torch.cholesky_inverse(L)
-    lam, Q = torch.linalg.eigh(M)
-    return _inverse_from_eig((lam.clamp_min(0.0), Q), shift)
+def factored_inverses_cholesky_many(
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`factored_inverses_cholesky` of several layers' ``(A, G, damping)``, with one read of
+    the device for all their factorizations' success flags (instead of one per factor)."""
+    pairs = []
+    for A, G, damping in factors:
+        pi = _pi(A.diagonal().mean(), G.diagonal().mean())
+        pairs += [(A, pi * damping**0.5), (G, damping**0.5 / pi)]
+    inverses = _damped_inverses(pairs)
+    return list(zip(inverses[::2], inverses[1::2]))
+
+
+def _damped_inverses(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """``(M + shift I)^{-1}`` for each ``(M, shift)``, by Cholesky; the success flags are read in one
+    synchronisation, and a factorization that failed falls back to ``eigh`` with clamped eigenvalues."""
+    if not pairs:
+        return []
+    factorizations = []
+    for M, shift in pairs:
+        damped = M.clone()
+        damped.diagonal().add_(shift)
+        factorizations.append(torch.linalg.cholesky_ex(damped))
+    infos = torch.stack([info for _, info in factorizations]).tolist()
+    out = []
+    for (M, shift), (L, _), info in zip(pairs, factorizations, infos):
+        if info == 0:
+            out.append(torch.cholesky_inverse(L))
+        else:
+            lam, Q = torch.linalg.eigh(M)
+            out.append(_inverse_from_eig((lam.clamp_min(0.0), Q), shift))
+    return out
 
 
 def factored_product(

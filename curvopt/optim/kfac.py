@@ -25,7 +25,7 @@ from torch.optim import Optimizer
 from curvopt.curvature.kfac import (
     APPROXIMATIONS,
     KRONECKER_DESCRIPTION,
-    factored_inverses_cholesky,
+    factored_inverses_cholesky_many,
     factored_product,
     input_factor,
     kronecker_solve,
@@ -43,11 +43,18 @@ from curvopt.errors import OptionError
 STATISTICS_KEYS = ("A", "G", "inv_A", "inv_G", "eig_A", "eig_G", "diag")
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry is finite, with one synchronisation. The sum of 2-norms is cheap
-    (no concatenation); it also overflows for entries beyond ~1e19, so only a non-finite sum
-    is confirmed entry by entry."""
-    if math.isfinite(torch.stack(torch._foreach_norm(tensors)).sum().item()):
+def _finite_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A float64 device scalar that is finite if every entry of ``tensors`` is: the sum of their
+    2-norms (cheap, no concatenation). It also overflows for entries beyond ~1e19, so a non-finite
+    value is confirmed entry by entry (:func:`_all_finite`)."""
+    return torch.stack(torch._foreach_norm(tensors)).sum().to(torch.float64)
+
+
+def _all_finite(tensors: list[torch.Tensor], known_sum: float | None = None) -> bool:
+    """Whether every entry is finite, with one synchronisation (none when ``known_sum``, the value of
+    :func:`_finite_sum`, was read already and is finite)."""
+    total = _finite_sum(tensors).item() if known_sum is None else known_sum
+    if math.isfinite(total):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -211,10 +218,47 @@ class KFAC(Optimizer):
             if opt is not None:
                 opt._record(module, inputs, output)
 
-        # always_call: an exception inside a forward pass must not leave the depth counter raised
-        self._hooks = (register_module_forward_pre_hook(pre_hook),
-                       register_module_forward_hook(hook, always_call=True))
+        self._hook_fns = (pre_hook, hook)
+        # the global hooks are installed only while a factor update is due (see _sync_hooks): between
+        # factor updates the user's forward passes run on PyTorch's hook-free fast path
+        self._hooks: list = []
+        self._closed = False
+        self._install_hooks()
         weakref.finalize(self, _remove_hooks, self._hooks)
+
+    def _install_hooks(self) -> None:
+        if not self._hooks and not self._closed:
+            pre_hook, hook = self._hook_fns
+            self._forward["depth"] = 0
+            # always_call: an exception inside a forward pass must not leave the depth counter raised
+            self._hooks += [register_module_forward_pre_hook(pre_hook),
+                            register_module_forward_hook(hook, always_call=True)]
+
+    def _factor_step_due(self) -> bool:
+        """Whether the next step updates some factor or diagonal block: a parameter that can have a
+        gradient and whose step count is a multiple of its group's ``factor_every`` (as in :meth:`_record`)."""
+        for group in self.param_groups:
+            every = group["factor_every"]
+            for p in group["params"]:
+                if p.requires_grad:
+                    state = self.state.get(p)
+                    if every == 1 or state is None or state.get("step", 0) % every == 0:
+                        return True
+        return False
+
+    def _sync_hooks(self) -> None:
+        """Install the module hooks when the next step updates factors, remove them otherwise. A
+        ``factor_every`` changed between steps takes effect from the step after the next."""
+        if self._factor_step_due():
+            self._install_hooks()
+        else:
+            _remove_hooks(self._hooks)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the new parameters' first step records factors."""
+        super().add_param_group(param_group)
+        if hasattr(self, "_hooks"):  # not during __init__, which installs them itself
+            self._sync_hooks()
 
     # ------------------------------------------------------------------ statistics
     def _owned(self) -> dict[int, tuple[dict, torch.Tensor]]:
@@ -344,6 +388,7 @@ class KFAC(Optimizer):
 
     def close(self) -> None:
         """Remove the module hooks now (they are also removed when the optimizer is collected)."""
+        self._closed = True
         _remove_hooks(self._hooks)
         self._clear()
         self._latest.clear()
@@ -395,40 +440,77 @@ class KFAC(Optimizer):
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure=None):
-        """One K-FAC update; ``closure`` (optional) re-evaluates the loss with gradients."""
+        """One K-FAC update; ``closure`` (optional) re-evaluates the loss with gradients.
+
+        The step reads the device once (the finiteness of the gradients and the KL clip's
+        ``update . grad``, together), twice at a factor update (the new statistics are checked before
+        they enter the factors) and once more at an inverse update (the Cholesky factorizations'
+        success flags); a GradScaler's scale and skip flag are one more read."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._latest.clear()  # no mc_backward after the step: free the last forward pass's outputs
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step (amp scaling protocol)
-        if found_inf is not None and float(found_inf) > 0:  # the scaler's own skip: it backs off its scale
-            self._clear()
-            return loss
-        stats_scale = self._statistics_scale(grads)
-        if grads and not _all_finite(grads):
-            warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
-                          stacklevel=2)
-            self._clear()
-            return loss
-        new = self._new_factors(stats_scale)
-        if new is None:
-            return loss
-        for group in self.param_groups:
-            self._step_group(group, new)
-        self._clear()
+        try:
+            self._update()
+        finally:
+            self._sync_hooks()
         return loss
 
-    def _statistics_scale(self, grads: list[torch.Tensor]) -> float:
+    def _update(self) -> None:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        found_inf, grad_scale = self._scaler_values()
+        if found_inf:  # the scaler's own skip: it backs off its scale
+            self._clear()
+            return
+        stats_scale = self._statistics_scale(grads, grad_scale)
+        new = self._new_factors(stats_scale)
+        checked = False
+        if new:  # a factor update: nothing may enter the factors before it is known to be finite
+            sums = [total for factors in new.values() for total, _ in factors.values()]
+            if not _all_finite(grads + sums):
+                what = "gradient" if not _all_finite(grads) else "Kronecker factor"
+                warnings.warn(f"KFAC: non-finite {what}; step skipped, parameters and factors unchanged",
+                              stacklevel=3)
+                self._clear()
+                return
+            checked = True
+        updates = [self._prepare_group(group, new) for group in self.param_groups]
+        # the step's one read of the device: the gradients' finiteness and every group's update . grad
+        reads = [] if checked or not grads else [_finite_sum(grads)]
+        reads += [u["vg"] for u in updates if u is not None and u["vg"] is not None]
+        values = torch.stack(reads).tolist() if reads else []
+        if not checked and grads and not math.isfinite(values[0]) and not _all_finite(grads, known_sum=values[0]):
+            warnings.warn("KFAC: non-finite gradient; step skipped, parameters and factors unchanged",
+                          stacklevel=3)
+            self._clear()
+            return
+        vgs = iter(values[0 if checked or not grads else 1:])
+        for group, update in zip(self.param_groups, updates):
+            if update is not None:
+                self._apply_group(group, update, next(vgs) if update["vg"] is not None else None)
+        self._clear()
+
+    def _scaler_values(self) -> tuple[bool, float | None]:
+        """``(found_inf, grad_scale)`` handed over by ``GradScaler.step`` (amp scaling protocol), read from the
+        device together; ``(False, None)`` outside it."""
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        tensors = [t for t in (found_inf, grad_scale) if t is not None]
+        if not tensors:
+            return False, None
+        values = torch.stack([t.reshape(-1)[0].to(device=tensors[0].device, dtype=torch.float64)
+                              for t in tensors]).tolist()
+        found = found_inf is not None and values[0] > 0
+        return found, (values[-1] if grad_scale is not None else None)
+
+    def _statistics_scale(self, grads: list[torch.Tensor], grad_scale: float | None) -> float:
         """The loss scale the recorded output gradients carry; unscales ``grads`` in place when
         ``GradScaler.step`` handed its scale over (``grad_scale``) instead of unscaling them."""
-        grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
-            scale = float(grad_scale)
-            if grads and scale != 1.0:
-                torch._foreach_mul_(grads, 1.0 / scale)
-            return scale
+            if grads and grad_scale != 1.0:
+                torch._foreach_mul_(grads, 1.0 / grad_scale)
+            return grad_scale
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             return float(self.grad_scaler.get_scale())
         if hasattr(self, "found_inf") and self._pending:
@@ -439,10 +521,10 @@ class KFAC(Optimizer):
                               "KFAC(..., grad_scaler=scaler)")
         return 1.0
 
-    def _new_factors(self, stats_scale: float = 1.0) -> dict[int, dict[str, tuple[torch.Tensor, float]]] | None:
+    def _new_factors(self, stats_scale: float = 1.0) -> dict[int, dict[str, tuple[torch.Tensor, float]]]:
         """``id(weight) -> {"A": (sum, divisor), "G": (sum, divisor)}`` of this step's statistics
         (the factor is ``sum / divisor``; G's divisor folds in the loss scale ``stats_scale`` of a
-        GradScaler), or None if one is not finite."""
+        GradScaler); the caller checks that they are finite."""
         new = {}
         for key, stats in self._pending.items():
             if stats["G"] is None or stats["a_count"] == 0:
@@ -450,11 +532,6 @@ class KFAC(Optimizer):
             g_divisor = stats["g_count"] / stats["g_calls"] / stats["g_samples"]  # draws per call / samples
             g_divisor *= stats_scale**2
             new[key] = {"A": (stats["A"], float(stats["a_count"])), "G": (stats["G"], g_divisor)}
-        if new and not _all_finite([total for factors in new.values() for total, _ in factors.values()]):
-            warnings.warn("KFAC: non-finite Kronecker factor; step skipped, parameters and factors unchanged",
-                          stacklevel=3)
-            self._clear()
-            return None
         return new
 
     def _plan(self, group: dict) -> tuple[list[tuple], list[torch.Tensor]]:
@@ -480,7 +557,11 @@ class KFAC(Optimizer):
         self._plans[id(group)] = (signature, (layers, others))
         return layers, others
 
-    def _step_group(self, group: dict, new: dict[int, tuple]) -> None:
+    def _prepare_group(self, group: dict, new: dict[int, dict]) -> dict | None:
+        """A group's preconditioned gradients and its ``sum(update . grad)`` (a device scalar, for the KL
+        clip), with the state entries they change (inverses, diagonal blocks, step counts) held back
+        until the step is known to be taken; the new factor statistics enter the factors here, after
+        the caller checked them. None when the group has nothing to update."""
         lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
         kl = group["kl_clip"] > 0 and lr > 0
         params: list[torch.Tensor] = []
@@ -488,41 +569,39 @@ class KFAC(Optimizer):
         states: list[dict] = []
         dots: list[torch.Tensor] = []  # update . grad per layer, for the KL clip
         plain: list[torch.Tensor] = []  # Kronecker layers before their first statistics
+        commits: list[tuple[dict, dict]] = []  # (state, entries) written once the step is taken
         layers, others = self._plan(group)
-        for p, bias, state, bias_state, d_w in layers:
-            gw = p.grad
-            if gw is None:
+        active = []
+        for layer in layers:
+            p, state = layer[0], layer[2]
+            if p.grad is None:
                 continue
             if id(p) in new:
                 _average_factors(state, new[id(p)], group["factor_decay"])
             if "A" not in state:  # no statistics yet: plain gradient step for this layer
-                plain += [t for t in (p, bias) if t is not None and t.grad is not None]
+                plain += [t for t in (p, layer[1]) if t is not None and t.grad is not None]
                 continue
+            active.append(layer)
+        inverses = self._inverses(group, active, new)
+        for (p, bias, state, bias_state, d_w), inverse in zip(active, inverses):
             step = state.get("step", 0)
-            # warm-up: the first factors come from few batches, so until inverse_every steps have
-            # passed the inverses follow every factor update
-            refresh = step % group["inverse_every"] == 0 or (step < group["inverse_every"] and id(p) in new)
-            if group["factored_damping"]:
-                # explicit damped inverses by Cholesky: two matmuls per step; a damping changed by
-                # a scheduler takes effect at once, from the current factors
-                if refresh or "inv_A" not in state or state["inv_damping"] != damping:
-                    state["inv_A"], state["inv_G"] = factored_inverses_cholesky(state["A"], state["G"], damping)
-                    state["inv_damping"] = damping
-            elif refresh or "eig_A" not in state:
-                for name in ("A", "G"):
-                    lam, Q = torch.linalg.eigh(state[name])
-                    state[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
+            entries: dict = {"step": step + 1}
+            if inverse is not None:
+                entries.update(inverse)
             dtype = state["A"].dtype  # float32 for half-precision layers: the update is computed in it
-            gw = _decayed(gw, p, wd).to(dtype)
+            gw = _decayed(p.grad, p, wd).to(dtype)
             gw = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
             gb = None
             if bias is not None:
                 gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd).to(dtype)
             if group["factored_damping"]:
-                u_w, u_b = factored_product(state["inv_G"], gw, gb, state["inv_A"])
+                inv_A = entries.get("inv_A", state.get("inv_A"))
+                inv_G = entries.get("inv_G", state.get("inv_G"))
+                u_w, u_b = factored_product(inv_G, gw, gb, inv_A)
             else:
                 M = gw if gb is None else torch.cat([gw, gb[:, None]], dim=1)
-                R = kronecker_solve(M, state["eig_A"], state["eig_G"], damping, False)
+                eig_A, eig_G = entries.get("eig_A", state.get("eig_A")), entries.get("eig_G", state.get("eig_G"))
+                R = kronecker_solve(M, eig_A, eig_G, damping, False)
                 u_w, u_b = (R, None) if gb is None else (R[:, :d_w], R[:, d_w])
             params.append(p)
             steps.append(u_w.view_as(p).to(p.dtype))
@@ -535,19 +614,66 @@ class KFAC(Optimizer):
                 dots.append(torch.vdot(u_w.reshape(-1), gw.reshape(-1)))
                 if u_b is not None:
                     dots.append(torch.dot(u_b, gb))
-            state["step"] = step + 1
-        extra = self._diagonal_updates(group, [p for p in others if p.grad is not None])
+            commits.append((state, entries))
+        extra = self._diagonal_updates(group, [p for p in others if p.grad is not None], commits)
         extra += [(p, _decayed(p.grad, p, wd), p.grad) for p in plain]
         for p, u, _ in extra:
             params.append(p)
             steps.append(u.to(p.dtype))
             states.append(self.state[p])
         if not params:
-            return
-        scale = 1.0
+            for state, entries in commits:
+                state.update(entries)
+            return None
+        vg = None
         if kl:
             dots += [torch.vdot(u.reshape(-1).float(), g.reshape(-1).float()) for _, u, g in extra]
-            vg = float(torch.stack([d.to(torch.float64) for d in dots]).sum()) * lr**2
+            vg = torch.stack([d.to(torch.float64) for d in dots]).sum()
+        return {"params": params, "steps": steps, "states": states, "commits": commits, "vg": vg}
+
+    def _inverses(self, group: dict, layers: list[tuple], new: dict[int, dict]) -> list[dict | None]:
+        """Per layer, the refreshed inverses (or eigendecompositions) as state entries, or None when the
+        current ones stay. Every ``inverse_every`` steps, and during the first ``inverse_every`` steps at
+        every factor update (warm-up: the first factors come from few batches); a damping changed by a
+        scheduler takes effect at once, from the current factors. The Cholesky factorizations of all
+        refreshed layers are checked with one read of the device."""
+        damping, every = group["damping"], group["inverse_every"]
+        due = []
+        for p, _, state, _, _ in layers:
+            step = state.get("step", 0)
+            refresh = step % every == 0 or (step < every and id(p) in new)
+            if group["factored_damping"]:
+                due.append(refresh or "inv_A" not in state or state["inv_damping"] != damping)
+            else:
+                due.append(refresh or "eig_A" not in state)
+        out: list[dict | None] = [None] * len(layers)
+        todo = [i for i, d in enumerate(due) if d]
+        if not todo:
+            return out
+        if group["factored_damping"]:
+            # explicit damped inverses by Cholesky: two matmuls per step
+            factors = [(layers[i][2]["A"], layers[i][2]["G"], damping) for i in todo]
+            pairs = factored_inverses_cholesky_many(factors)
+            for i, (inv_A, inv_G) in zip(todo, pairs):
+                out[i] = {"inv_A": inv_A, "inv_G": inv_G, "inv_damping": damping}
+        else:
+            for i in todo:
+                entries = {}
+                for name in ("A", "G"):
+                    lam, Q = torch.linalg.eigh(layers[i][2][name])
+                    entries[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
+                out[i] = entries
+        return out
+
+    def _apply_group(self, group: dict, update: dict, vg: float | None) -> None:
+        """Commit a prepared group (:meth:`_prepare_group`): its held-back state entries, the KL clip,
+        momentum and the parameter update."""
+        for state, entries in update["commits"]:
+            state.update(entries)
+        params, steps, states, lr = update["params"], update["steps"], update["states"], group["lr"]
+        scale = 1.0
+        if vg is not None:
+            vg *= lr**2
             if vg > 0:
                 scale = min(1.0, (group["kl_clip"] / vg) ** 0.5)
         if group["momentum"]:  # buf = momentum * buf + scale * u, batched over the group's tensors
@@ -564,9 +690,11 @@ class KFAC(Optimizer):
             steps, scale = bufs, 1.0
         torch._foreach_add_(params, steps, alpha=-lr * scale)
 
-    def _diagonal_updates(self, group: dict, params: list[torch.Tensor]) -> list[tuple]:
+    def _diagonal_updates(self, group: dict, params: list[torch.Tensor], commits: list[tuple[dict, dict]]
+                          ) -> list[tuple]:
         """``(param, (grad + wd * param) / (D + damping), grad)`` for parameters without a Kronecker
-        structure, ``D`` a moving average of ``N * grad**2`` updated every ``factor_every`` steps."""
+        structure, ``D`` a moving average of ``N * grad**2`` updated every ``factor_every`` steps; the new
+        ``D`` and step counts go to ``commits``."""
         if not params:
             return []
         if not self._warned_diagonal:
@@ -574,7 +702,7 @@ class KFAC(Optimizer):
             names = ", ".join(f"{self._diag_counts.get(id(p), (0, 'parameter'))[1]} {tuple(p.shape)}"
                               for p in params)
             warnings.warn(f"KFAC: {names} not in a Kronecker layer ({KRONECKER_DESCRIPTION}); they get a "
-                          "diagonal block (moving average of N * grad**2)", stacklevel=5)
+                          "diagonal block (moving average of N * grad**2)", stacklevel=6)
         fallback = max([n for n, _ in self._diag_counts.values()]
                        + [stats["a_count"] for stats in self._pending.values()] + [1])
         wd, decay = group["weight_decay"], group["factor_decay"]
@@ -583,15 +711,18 @@ class KFAC(Optimizer):
             state = self.state[p]
             step = state.get("step", 0)
             grad = _decayed(p.grad, p, wd).to(statistics_dtype(p.dtype))  # float32 for half precision
+            entries = {"step": step + 1}
+            diag = state.get("diag")
             if step % group["factor_every"] == 0:
                 n = self._diag_counts.get(id(p), (fallback, ""))[0]
                 D = p.grad.to(grad.dtype).square() * n
-                state["diag"] = D if "diag" not in state else decay * state["diag"] + (1 - decay) * D
-            state["step"] = step + 1
-            out.append((p, grad / (state["diag"] + group["damping"]), grad))
+                diag = entries["diag"] = D if diag is None else decay * diag + (1 - decay) * D
+            commits.append((state, entries))
+            out.append((p, grad / (diag + group["damping"]), grad))
         return out
 
 
-def _remove_hooks(hooks: tuple) -> None:
+def _remove_hooks(hooks: list) -> None:
     for h in hooks:
         h.remove()
+    hooks.clear()
