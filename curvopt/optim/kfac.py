@@ -237,9 +237,15 @@ class KFAC(Optimizer):
     def _factor_step_due(self) -> bool:
         """Whether the next step updates some factor or diagonal block: a parameter that can have a
         gradient and whose step count is a multiple of its group's ``factor_every`` (as in :meth:`_record`)."""
-        for group in self.param_groups:
+        signature = (len(self._layers), tuple((id(g), len(g["params"])) for g in self.param_groups))
+        if getattr(self, "_counted_signature", None) != signature:
+            # a recorded layer's bias has no step count of its own: its weight's decides
+            biases = {id(m.bias) for m in self._layers.values() if m.bias is not None}
+            self._counted = [(g, [p for p in g["params"] if id(p) not in biases]) for g in self.param_groups]
+            self._counted_signature = signature
+        for group, params in self._counted:
             every = group["factor_every"]
-            for p in group["params"]:
+            for p in params:
                 if p.requires_grad:
                     state = self.state.get(p)
                     if every == 1 or state is None or state.get("step", 0) % every == 0:
