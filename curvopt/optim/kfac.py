@@ -429,8 +429,8 @@ class KFAC(Optimizer):
         spec = loss_spec(loss_fn, "KFAC.mc_backward")
         records = [(app, out) for _, _, apps, outs in self._latest.values() for app, out in zip(apps, outs)]
         if not records:
-            if self._mc.get("forward"):
-                return  # no layer updates its factors at this step (factor_every)
+            if self._mc.get("forward") or (not self._hooks and not self._closed):
+                return  # no layer updates its factors at this step (factor_every): the hooks stood aside
             raise RuntimeError("mc_backward needs a forward pass through the optimizer's layers with "
                                "gradients enabled since the last step()")
         with torch.no_grad():
