@@ -7,6 +7,7 @@ are all-reduced when a ``torch.distributed`` process group is active.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -138,9 +139,9 @@ def accumulate(
         NonFiniteLossError: naming the first batch whose loss is not finite.
     """
     total: list[torch.Tensor] | None = None
-    losses: list[torch.Tensor] = []
+    unchecked: list[tuple[torch.Tensor, Any]] = []  # losses not yet found finite: (detached, weak ref to the loss)
     n_samples = 0
-    batch_of_loss: list[int] = []  # the batch index behind each loss (empty batches skipped)
+    batch_of_loss: list[int] = []  # the batch index behind each unchecked loss
     batches = iterate_batches(data)
     if progress:
         from tqdm.auto import tqdm
@@ -155,18 +156,14 @@ def accumulate(
         if n == 0:
             continue
         loss, parts = product(index, X, y)
-        losses.append(loss.detach())
-        batch_of_loss.append(index)
+        if not _known_finite(loss):  # a cached context's loss was checked on the pass that built it
+            unchecked.append((loss.detach(), weakref.ref(loss)))  # weak: a loss with a graph is not kept
+            batch_of_loss.append(index)
         scale = float(n) if reduction == "mean" else 1.0
         scaled = [scale * t for t in parts]
         total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
         n_samples += n
-    # One synchronisation at the end rather than one per batch.
-    if losses:
-        finite = torch.isfinite(torch.stack([loss.float().cpu() for loss in losses]))
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0, 0])
-            raise NonFiniteLossError(batch_of_loss[bad], float(losses[bad]))
+    _check_finite(unchecked, batch_of_loss)
 
     group_active = dist.is_available() and dist.is_initialized()
     if group_active:
@@ -177,6 +174,46 @@ def accumulate(
     if reduction == "mean":
         total = [t / n_samples for t in total]
     return total
+
+
+#: Attribute set on a loss tensor found finite: its version counter at the check (an in-place
+#: change bumps the counter and so asks for a new check).
+_FINITE_AT = "_curvopt_finite_at_version"
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return None
+
+
+def _known_finite(loss: torch.Tensor) -> bool:
+    """Whether this very tensor was found finite before and has not been modified since."""
+    seen = getattr(loss, _FINITE_AT, None)
+    return seen is not None and seen == _version(loss)
+
+
+def _check_finite(unchecked: list[tuple[torch.Tensor, Any]], batch_of_loss: list[int]) -> None:
+    """Raise :class:`NonFiniteLossError` for the first non-finite loss; mark the others as checked.
+
+    One transfer to the host for the whole pass (none when every loss was checked before, as on
+    a pass served from cached contexts), rather than one per batch.
+    """
+    if not unchecked:
+        return
+    finite = torch.isfinite(torch.stack([d.float() for d, _ in unchecked])).tolist()
+    for i, ok in enumerate(finite):
+        if not ok:
+            raise NonFiniteLossError(batch_of_loss[i], float(unchecked[i][0]))
+    for _, ref in unchecked:
+        loss = ref()
+        if loss is None:
+            continue  # gone with its pass: never served again
+        try:
+            setattr(loss, _FINITE_AT, _version(loss))
+        except (AttributeError, RuntimeError):  # a tensor type without attributes: checked on every pass
+            pass
 
 
 def _all_reduce(

@@ -6,6 +6,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from curvopt.linalg.operator import SymmetricOperator, gaussian, matmat, size_of
@@ -107,6 +108,10 @@ def _lanczos_steps(
     further copies of a repeated eigenvalue, which one Krylov space cannot hold, are
     found too (``T`` becomes block diagonal). The basis grows as the steps run (see
     :class:`_Basis`): memory is that of the steps taken, not of ``max_steps``.
+
+    One host synchronisation per step: ``alpha_j`` and ``beta_j`` come back to the host
+    together (the caller's stopping test needs them there); everything else stays on
+    ``A``'s device. ``alpha``/``beta`` are float64 CPU tensors.
     """
     P = size_of(A)
     max_steps = min(max_steps, P)
@@ -115,17 +120,20 @@ def _lanczos_steps(
     beta = torch.zeros(max_steps, dtype=torch.float64)
     q = v0.to(dtype=A.dtype, device=A.device)
     q = q / torch.linalg.norm(q)
+    scale = 1e-300  # largest |alpha_j| so far, on the host, for the invariant-subspace test
     for j in range(max_steps):
         Q.append(q)
         w = matmat(A, q.unsqueeze(1)).squeeze(1)
-        alpha[j] = float(q @ w)
+        a = q @ w
         del q  # the basis holds it; keep one copy of each vector alive
         for _ in range(2):  # full reorthogonalization; "twice is enough" (Parlett)
             w = Q.project_out(w)
-        b = float(torch.linalg.norm(w))
-        beta[j] = b
+        # the step's one transfer to the host (stacked in float64 so that no digit is lost)
+        a, b = torch.stack([a.to(torch.float64), torch.linalg.norm(w).to(torch.float64)]).tolist()
+        alpha[j], beta[j] = a, b
+        scale = max(scale, abs(a))
         m = j + 1
-        exhausted = b <= 1e-12 * max(alpha[:m].abs().max().item(), 1e-300)
+        exhausted = b <= 1e-12 * scale
         if exhausted:
             beta[j] = 0.0
         yield _State(Q, alpha[:m], beta[:m], exhausted)
@@ -201,27 +209,41 @@ def lanczos(
     min_iter = min(max_iter, min_iter if min_iter is not None else k + 2)
     v = v0 if v0 is not None else gaussian(P, 1, A, generator).squeeze(1)
 
-    converged = False
+    # The stopping test runs on the host copy of T (float64 numpy): the only device
+    # synchronisation of a step is the one inside _lanczos_steps.
+    last = None
     for state in _lanczos_steps(A, v, max_iter, restart=generator if generator is not None else True):
+        last = state
         m = state.alpha.shape[0]
         if m < max_iter and (m < min_iter or state.exhausted):
             continue  # too early, or about to restart in the orthogonal complement
-        theta, S = _ritz(state.alpha, state.beta, which)
-        kk = min(k, m)
-        bounds = (state.beta[-1] * S[-1, :kk]).abs()
-        if m == max_iter or bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all()):
-            converged = kk == k and bool((bounds <= tol * theta[:kk].abs().clamp_min(1e-30)).all())
+        theta, S, bounds = _ritz_pairs(state, k, which)
+        if m == max_iter or _within(theta, bounds, tol):
             break
-    vecs = state.basis.combine(S[:, :kk])
-    return LanczosResult(theta[:kk].to(A.dtype), vecs, bounds.to(A.dtype), m, converged)
+    else:  # the steps ended early (every direction spent): take the last state as it is
+        theta, S, bounds = _ritz_pairs(last, k, which)
+    m, kk = last.alpha.shape[0], theta.shape[0]
+    converged = kk == k and _within(theta, bounds, tol)
+    vecs = last.basis.combine(torch.from_numpy(np.ascontiguousarray(S)))
+    return LanczosResult(torch.from_numpy(theta.copy()).to(A.dtype), vecs, torch.from_numpy(bounds).to(A.dtype),
+                         m, converged)
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _within(theta: np.ndarray, bounds: np.ndarray, tol: float) -> bool:
+    """Whether every residual bound is below ``tol`` times its Ritz value's magnitude."""
+    return bool((bounds <= tol * np.maximum(np.abs(theta), 1e-30)).all())
+
+
+def _ritz_pairs(state: _State, k: int, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The wanted ``min(k, m)`` Ritz values ``[kk]``, their ``T`` eigenvectors ``[m, kk]`` and residual
+    bounds ``|beta_m s_{m,i}| = ||A x_i - theta_i x_i||`` ``[kk]``, from the host copy of ``T``."""
+    alpha, beta = state.alpha.numpy(), state.beta.numpy()
     m = alpha.shape[0]
-    T = torch.diag(alpha)
+    T = np.diag(alpha)
     if m > 1:
-        T = T + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
-    theta, S = torch.linalg.eigh(T)
+        T += np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
+    theta, S = np.linalg.eigh(T)
     if which == "largest":
-        theta, S = theta.flip(0), S.flip(1)
-    return theta, S
+        theta, S = theta[::-1], S[:, ::-1]
+    kk = min(k, m)
+    return theta[:kk], S[:, :kk], np.abs(beta[-1] * S[-1, :kk])

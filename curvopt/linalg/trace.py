@@ -79,18 +79,28 @@ def trace_estimate(
 
 
 def _combine(Z, AZ, Q, AQ, blocks, probes) -> TraceEstimate:
-    """Exact part ``tr(Q^T A Q)`` plus the Hutchinson mean of ``z^T A z`` over columns."""
-    samples = _column_dots(Z, AZ)  # [m]
-    exact = float(_column_dots(Q, AQ).sum()) if Q is not None else 0.0
-    value, stderr = exact + float(samples.mean()), _stderr(samples)
-    out = TraceEstimate(value=value, stderr=stderr, probes=probes)
-    for name, idx in blocks:
+    """Exact part ``tr(Q^T A Q)`` plus the Hutchinson mean of ``z^T A z`` over columns.
+
+    Every figure (whole and per block) is computed on the device and brought to the host
+    in one transfer.
+    """
+    def figures(Zb, AZb, Qb, AQb) -> list[torch.Tensor]:
+        samples = _column_dots(Zb, AZb)  # [m]
+        exact = _column_dots(Qb, AQb).sum() if Qb is not None else samples.new_zeros(())
+        spread = samples.std() if samples.shape[0] > 1 else samples.new_zeros(())
+        return [exact + samples.mean(), spread]
+
+    parts = figures(Z, AZ, Q, AQ)
+    for _, idx in blocks:
         idx = idx.to(Z.device)
-        b_samples = (Z[idx] * AZ[idx]).sum(0)
         # tr(P_b A) = tr(Q^T P_b A Q) + tr(P_b A R) with R = I - Q Q^T, and
         # E[(R z)^T P_b A (R z)] = tr(P_b A R): unbiased per block, summing to the whole.
-        b_exact = float((Q[idx] * AQ[idx]).sum()) if Q is not None else 0.0
-        out.blocks[name] = (b_exact + float(b_samples.mean()), _stderr(b_samples))
+        parts += figures(Z[idx], AZ[idx], Q[idx] if Q is not None else None, AQ[idx] if Q is not None else None)
+    host = torch.stack(parts).to(torch.float64).tolist()
+    m = Z.shape[1]  # probes of the stochastic part
+    out = TraceEstimate(value=host[0], stderr=_stderr(host[1], m), probes=probes)
+    for i, (name, _) in enumerate(blocks, start=1):
+        out.blocks[name] = (host[2 * i], _stderr(host[2 * i + 1], m))
     return out
 
 
@@ -100,9 +110,9 @@ def _column_dots(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return torch.einsum("pk,pk->k", X, Y)
 
 
-def _stderr(samples: torch.Tensor) -> float:
-    m = samples.shape[0]
-    return float(samples.std(unbiased=True)) / math.sqrt(m) if m > 1 else float("inf")
+def _stderr(spread: float, m: int) -> float:
+    """Standard error of a mean of ``m`` samples of sample standard deviation ``spread``."""
+    return spread / math.sqrt(m) if m > 1 else float("inf")
 
 
 def diagonal_estimate(

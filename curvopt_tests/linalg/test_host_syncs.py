@@ -1,0 +1,94 @@
+"""Host synchronisations in the Krylov and randomized loops: the ones a device-resident loop needs, no more.
+
+On a GPU every read of a device value on the host (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``,
+``.cpu()``, ``torch.equal``) waits for the queued work. The counts are taken on the CPU by a function mode
+that sees those calls; host bookkeeping (the tridiagonal ``T``, the stopping test) runs in numpy, which
+the mode does not see, so whatever it counts would be a device synchronisation on a GPU.
+"""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from curvopt.curvature.data_loop import accumulate
+from curvopt.errors import NonFiniteLossError
+from curvopt.linalg import lanczos, power_iteration, trace_estimate
+from curvopt_tests.linalg.test_spectral_algorithms import BlockedMatrix
+
+SYNCS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu", "equal", "nonzero"}
+
+
+class CountSyncs(TorchFunctionMode):
+    """Counts the calls that read a tensor's value on the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in SYNCS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def spectrum_matrix(n=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.linspace(-1, 1, n, dtype=torch.float64) ** 3
+    ev[:3] = torch.tensor([6.0, 4.0, 3.0], dtype=torch.float64)
+    return (Q * ev) @ Q.T
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_lanczos_synchronises_once_per_product(k):
+    A = spectrum_matrix()
+    with CountSyncs() as mode:
+        res = lanczos(A, k, tol=1e-8, generator=torch.Generator().manual_seed(0))
+    assert res.converged and res.iterations > k + 2
+    assert mode.count == res.iterations
+
+
+def test_power_iteration_synchronises_once_per_iteration():
+    A = spectrum_matrix()
+    with CountSyncs() as mode:
+        res = power_iteration(A, 2, tol=1e-6, generator=torch.Generator().manual_seed(0))
+    # each eigenvalue ends with one product for its residual, which needs no transfer
+    assert mode.count <= res.iterations - 2
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
+def test_trace_brings_every_figure_back_in_one_transfer(method):
+    op = BlockedMatrix(spectrum_matrix(), [10, 30, 45])
+    with CountSyncs() as mode:
+        est = trace_estimate(op, 12, method=method, per_block=True, generator=torch.Generator().manual_seed(0))
+    assert len(est.blocks) == 4
+    assert mode.count == 1
+
+
+def _stored_products(losses):
+    """A batch product that serves stored losses, as a pass over cached contexts does."""
+    parts = [torch.ones(3)]
+    return lambda i, X, y: (losses[i], parts)
+
+
+def test_data_loop_checks_losses_in_one_transfer_and_cached_losses_once():
+    data = [(torch.zeros(4, 2), torch.zeros(4)) for _ in range(5)]
+    losses = [torch.tensor(0.5 + i) for i in range(5)]
+    with CountSyncs() as mode:
+        accumulate(_stored_products(losses), data, reduction="mean")
+    assert mode.count == 1  # the first pass checks all five losses at once
+    with CountSyncs() as mode:
+        accumulate(_stored_products(losses), data, reduction="mean")
+    assert mode.count == 0  # the same loss tensors again: known finite
+
+
+def test_data_loop_rechecks_a_loss_changed_in_place_and_names_its_batch():
+    data = [(torch.zeros(4, 2), torch.zeros(4)) for _ in range(3)]
+    losses = [torch.tensor(1.0) for _ in range(3)]
+    accumulate(_stored_products(losses), data, reduction="mean")
+    losses[2].fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="batch 2"):
+        accumulate(_stored_products(losses), data, reduction="mean")
+    fresh = [torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(1.0)]
+    with pytest.raises(NonFiniteLossError, match="batch 1"):
+        accumulate(_stored_products(fresh), data, reduction="mean")
