@@ -5,7 +5,9 @@
 ``Conv2d`` layers that own its parameters by itself: one global module forward hook,
 filtered by parameter identity, notes each such layer's input and puts a hook on its
 output's gradient; the statistics are taken when that gradient arrives, so a forward
-pass that no backward pass follows leaves nothing behind. Kronecker factors are the
+pass that no backward pass follows leaves nothing behind. The hooks are installed only for the
+steps that update factors (every ``factor_every``): the forward passes in between run on PyTorch's
+hook-free path and cost what they cost without the optimizer. Kronecker factors are the
 empirical Fisher's (the gradients of the loss being minimized), computed with the same
 functions as the ``kfac`` curvature operator (:mod:`curvopt.curvature.kfac`).
 """
@@ -634,7 +636,7 @@ class KFAC(Optimizer):
         vg = None
         if kl:
             dots += [torch.vdot(u.reshape(-1).float(), g.reshape(-1).float()) for _, u, g in extra]
-            vg = torch.stack([d.to(torch.float64) for d in dots]).sum()
+            vg = torch.stack(dots).to(torch.float64).sum()  # summed in float64: one cast, not one per dot
         return {"params": params, "steps": steps, "states": states, "commits": commits, "vg": vg}
 
     def _inverses(self, group: dict, layers: list[tuple], new: dict[int, dict]) -> list[dict | None]:
