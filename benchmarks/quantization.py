@@ -62,7 +62,7 @@ from torch import nn
 import curvopt
 from curvopt.data import Dataset, digits, mnist1d
 from curvopt.models import cnn1d, digits_cnn, mlp
-from curvopt.quant.allocate import allocate_bits, random_plans, uniform_plan
+from curvopt.quant import allocate_bits, random_plans, uniform_plan
 from curvopt.quant.fake import fake_quantized
 from curvopt.quant.finetune import finetune
 from curvopt.quant.plan import quantizable_modules

@@ -509,7 +509,7 @@ def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[st
     Raises:
         ConfigError: with the allocator's message (the reachable minimum) under ``[allocation]``.
     """
-    from curvopt.quant.allocate import allocate_bits, uniform_plan
+    from curvopt.quant import allocate_bits, uniform_plan
 
     a = config["allocation"]
     bits = sorted(a["bits"])
@@ -564,7 +564,7 @@ def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict
     """
     import curvopt
     from curvopt.curvature import curvature
-    from curvopt.quant.allocate import allocate_bits, random_plans, uniform_plan
+    from curvopt.quant import allocate_bits, random_plans, uniform_plan
     from curvopt.quant.fake import fake_quantized
     from curvopt.quant.plan import quantizable_modules
 

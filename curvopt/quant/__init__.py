@@ -10,10 +10,11 @@ Pipeline::
     curvopt.quant.finetune(model, plan, train_loader, epochs=1)     # optional STE fine-tuning
 """
 
-from curvopt.quant.allocate import METHODS, BitPlan, ParetoPoint, allocate_bits, random_plans, uniform_plan
+from curvopt.quant.allocate import METHODS, allocate_bits
+from curvopt.quant.baselines import random_plans, uniform_plan
 from curvopt.quant.fake import fake_quantized
 from curvopt.quant.finetune import finetune
-from curvopt.quant.plan import check_bits, plan_bits, quantizable_modules
+from curvopt.quant.plan import BitPlan, ParetoPoint, check_bits, plan_bits, quantizable_modules
 from curvopt.quant.quantizer import CLIPPINGS, QUANTIZER_NAMES, Quantizer, make_quantizer
 from curvopt.quant.scores import SCORE_NAMES
 

@@ -18,7 +18,8 @@ from torch import nn
 import curvopt
 import curvopt.quant.allocate as allocate_mod
 from curvopt.errors import BudgetError, OptionError, QuantizationError
-from curvopt.quant.allocate import BitPlan, allocate_bits, random_plans, uniform_plan
+from curvopt.quant import BitPlan, allocate_bits, random_plans, uniform_plan
+from curvopt.quant import baselines as baselines_mod
 from curvopt.quant.fake import fake_quantized
 from curvopt.quant.plan import plan_bits
 
@@ -367,7 +368,7 @@ def test_random_plans_respect_fixed_and_ties_and_are_seeded():
 
 
 def test_random_plans_fallback_sampler_is_within_budget_and_maximal(monkeypatch):
-    monkeypatch.setattr(allocate_mod, "MAX_COUNT_TABLE", 0)
+    monkeypatch.setattr(baselines_mod, "MAX_COUNT_TABLE", 0)
     sizes = {f"l{i}": s for i, s in enumerate((30, 50, 70, 110, 130, 170))}
     bits = (2, 3, 4, 8)
     budget = 3 * sum(sizes.values())
