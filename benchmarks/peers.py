@@ -594,7 +594,7 @@ def task_eig(ctx: Ctx, k: int) -> list[dict]:
             rows.append(row(task, ctx.name, lib, status=status, tried=[(s, e) for s, e in tried]))
         else:
             ctx._ops[f"eig{k}_setting_{lib}"] = chosen[lib][0]
-            rows.append(row(task, ctx.name, lib, setting=chosen[lib][0], default=chosen[lib][0] == ladder[0][0],
+            rows.append(row(task, ctx.name, lib, setting=chosen[lib][0], default="default" in chosen[lib][0],
                             tried=[(s, e) for s, e in tried]))
     timed = interleaved({lib: fn for lib, (_, fn) in chosen.items()}, ctx.args.rounds, ctx.device)
     for r in rows:
@@ -894,15 +894,17 @@ def child_memory(argv: list[str]) -> None:
     """Subprocess entry: run one library's ``eig1`` once and print the peak-memory delta as JSON."""
     spec = json.loads(argv[0])
     torch.set_num_threads(spec["threads"])
-    status = peer_status(spec["peer_path"])
+    if spec["peer_path"]:
+        sys.path.insert(0, spec["peer_path"])
+    # only the library measured is imported: the others' imports would count in nobody's peak but cost seconds
+    status = {lib: None if lib in ("curvopt", spec["lib"]) else "not loaded" for lib in LIBS}
     device = torch.device(spec["device"])
     args = argparse.Namespace(quick=spec["quick"], rounds=1, reference_probes=3)
-    data = mnist1d()
-    n, bs = (200, 100) if spec["quick"] else (4000, 1000)
+    saved = torch.load(spec["state"])
     model = build_model(spec["model"], spec["quick"])
-    model.load_state_dict(torch.load(spec["state"]))
+    model.load_state_dict(saved["model"])
     model = model.eval().to(device)
-    batches = [(X.to(device), y.to(device)) for X, y in data.batches(bs)][: n // bs]
+    batches = [(X.to(device), y.to(device)) for X, y in saved["batches"]]
     ctx = Ctx(spec["model"], model, batches, status, args, device)
     fn = dict(eig_ladders(ctx, 1)[spec["lib"]])[spec["setting"]]
     if device.type == "cuda":
@@ -922,7 +924,8 @@ def task_memory(ctx: Ctx, settings: dict[str, str], args: Any) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         state = os.path.join(tmp, "state.pt")
-        torch.save({k: v.cpu() for k, v in ctx.model.state_dict().items()}, state)
+        torch.save({"model": {k: v.cpu() for k, v in ctx.model.state_dict().items()},
+                    "batches": [(X.cpu(), y.cpu()) for X, y in ctx.batches]}, state)
         for lib, setting in settings.items():
             spec = dict(threads=args.threads, peer_path=args.peer_path, device=str(ctx.device), quick=args.quick,
                         model=ctx.name, state=state, lib=lib, setting=setting)

@@ -139,7 +139,8 @@ def test_memory_child_reports_a_peak(peers, capsys, tmp_path):
     torch.manual_seed(0)
     model = peers.build_model("mlp", True)
     state = tmp_path / "state.pt"
-    torch.save(model.state_dict(), state)
+    batches = [(torch.randn(10, 40), torch.randint(0, 10, (10,)))]
+    torch.save({"model": model.state_dict(), "batches": batches}, state)
     spec = dict(threads=1, peer_path=None, device="cpu", quick=True, model="mlp", state=str(state), lib="curvopt",
                 setting="defaults (tol=1e-3)")
     peers.child_memory([json.dumps(spec)])
