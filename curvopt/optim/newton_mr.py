@@ -28,9 +28,16 @@ class NewtonMR(SecondOrderOptimizer):
         curvature: Registry name of the curvature (``"hessian"``, ``"ggn"``, ...).
         curvature_fraction: Fraction of the mini-batch the curvature sees.
         curvature_options: Options of the curvature backend (e.g. ``{"mc_samples": 4}``).
-        damping: Tikhonov damping added to the curvature.
+        damping: Tikhonov damping added to the curvature. The default 0.1 is for mini-batch training:
+            an undamped Newton step fits the mini-batch it was computed on and raises the loss on the
+            others (on a digits MLP at batch 64, 0.1 reached 0.97 test accuracy in 5 epochs where 0 reached
+            0.83; 0.01, 0.3 and 1 reached 0.95, 0.97, 0.96). Set 0 for the exact Newton step on a
+            full-batch (deterministic) problem.
         rtol: MINRES relative residual tolerance (the inexactness of the Newton step).
-        max_iter: Most curvature products per step.
+        max_iter: Most curvature products per step. The default 10 truncates the solve, which is both
+            cheaper and, on mini-batches, a further regularization (100 products reached 0.76 test accuracy
+            on a digits MLP at batch 128 where 10 reached 0.97, at a fifth of the time); raise it, with
+            ``damping=0``, for exact Newton steps.
         armijo: Sufficient-decrease constant in (0, 1/2).
         backtrack: Step-length factor in (0, 1) of the line search.
         max_evaluations: Most loss evaluations of the line search.
@@ -46,8 +53,8 @@ class NewtonMR(SecondOrderOptimizer):
     _initial_key = "lr"
 
     def __init__(self, params, lr: float = 1.0, *, curvature: str = "hessian", curvature_fraction: float = 1.0,
-                 curvature_options: dict | None = None, damping: float = 0.0, rtol: float = 1e-4,
-                 max_iter: int = 100, armijo: float = 1e-4, backtrack: float = 0.5, max_evaluations: int = 20,
+                 curvature_options: dict | None = None, damping: float = 0.1, rtol: float = 1e-4,
+                 max_iter: int = 10, armijo: float = 1e-4, backtrack: float = 0.5, max_evaluations: int = 20,
                  seed: int = 0) -> None:
         _check(lr > 0, f"lr must be > 0, got {lr!r}")
         _check(0 < armijo < 0.5, f"armijo must be in (0, 0.5), got {armijo!r}")
