@@ -5,7 +5,9 @@ Peers (each optional; a missing one's rows say "not installed"), installed witho
 nothing pulls another torch or torchvision (curvlinops depends on backpack-for-pytorch, which pulls torchvision)::
 
     pip install --no-deps curvlinops-for-pytorch hessian-eigenthings pyhessian backpack-for-pytorch \\
-        linear_operator einconv opt-einsum unfoldNd einops tqdm
+        linear_operator einconv opt-einsum unfoldNd einops tqdm packaging
+
+(all pure Python; numpy and scipy come with curvopt's ``dev`` extra; BackPACK imports without torchvision.)
 
 kfac-pytorch is not on PyPI: put a checkout on the path at run time with ``--peer-path /tmp/kfac_pytorch``
 (e.g. ``git clone https://github.com/gpauloski/kfac-pytorch /tmp/kfac_pytorch``); nothing of it enters
@@ -170,17 +172,31 @@ def _math_attention() -> Any:
         torch.backends.mha.set_fastpath_enabled(fast)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], rounds: int,
-                device: torch.device) -> dict[str, tuple[float, Any]]:
+def interleaved(fns: dict[str, Callable[[], Any]], rounds: int, device: torch.device,
+                prior: dict[str, tuple[float, Any]] | None = None) -> dict[str, tuple[float, Any]]:
     """Median seconds of each ``fns[name]()`` over ``rounds`` rounds, the order rotated every round so that
-    drift of the machine hits every library alike; with the last answer of each."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    answers: dict[str, Any] = {}
+    drift of the machine hits every library alike; with the last answer of each. ``prior``: a time and answer
+    already measured per name (a calibration run), counted as one more round."""
+    prior = prior or {}
+    times: dict[str, list[float]] = {k: [prior[k][0]] if k in prior else [] for k in fns}
+    answers: dict[str, Any] = {k: prior[k][1] for k in fns if k in prior}
     names = list(fns)
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)] if names else []
@@ -534,6 +550,8 @@ def eig_ladders(ctx: Ctx, k: int) -> dict[str, list[tuple[str, Callable[[], torc
         ladders["pyhessian"] = [("defaults (tol=1e-3, maxIter=100)", pyh())] + [
             (f"tol={t:g}", pyh(tol=t)) for t in (1e-4, 1e-5)] + [
             ("tol=1e-6, maxIter=1000", pyh(tol=1e-6, maxIter=1000))]
+        if k > 1:  # deflated power iteration costs k runs per setting: two settings at most
+            ladders["pyhessian"] = ladders["pyhessian"][:2]
     if ctx.ok("hessian_eigenthings"):
         import hessian_eigenthings as he
         op = ctx.he("hessian")
@@ -572,6 +590,7 @@ def task_eig(ctx: Ctx, k: int) -> list[dict]:
     task = f"top-{k} eigenvalues"
     ref = ctx.ref.top(k)
     chosen: dict[str, tuple[str, Callable]] = {}
+    calibration: dict[str, tuple[float, Any]] = {}
     rows: list[dict] = []
     for lib, ladder in eig_ladders(ctx, k).items():
         if lib in ctx.wrong:  # its products are wrong here: nothing it computes from them counts
@@ -580,13 +599,19 @@ def task_eig(ctx: Ctx, k: int) -> list[dict]:
         tried = []
         for setting, fn in ladder:
             try:
-                err = top_error(fn(), ref)
+                sync(ctx.device)
+                t = time.perf_counter()
+                ans = fn()
+                sync(ctx.device)
+                secs = time.perf_counter() - t
+                err = top_error(ans, ref)
             except Exception as e:  # a peer failing on this model: its row says how
                 tried.append((setting, failure(e)))
                 break
             tried.append((setting, err))
             if err <= EIG_TOL:
                 chosen[lib] = (setting, fn)
+                calibration[lib] = (secs, ans)  # counts as the first round
                 break
         if lib not in chosen:
             last = tried[-1][1] if tried else None
@@ -596,7 +621,7 @@ def task_eig(ctx: Ctx, k: int) -> list[dict]:
             ctx._ops[f"eig{k}_setting_{lib}"] = chosen[lib][0]
             rows.append(row(task, ctx.name, lib, setting=chosen[lib][0], default="default" in chosen[lib][0],
                             tried=[(s, e) for s, e in tried]))
-    timed = interleaved({lib: fn for lib, (_, fn) in chosen.items()}, ctx.args.rounds, ctx.device)
+    timed = interleaved({lib: fn for lib, (_, fn) in chosen.items()}, ctx.args.rounds - 1, ctx.device, calibration)
     for r in rows:
         if r["lib"] in timed:
             secs, ans = timed[r["lib"]]
@@ -665,8 +690,9 @@ def task_trace(ctx: Ctx) -> list[dict]:
                 del pending[lib]
     for lib in pending:
         rows.append(row("trace to 2%", ctx.name, lib, status=f"not reached within {budgets[-1]} products"))
-    if ctx.args.rounds > 1 and found:  # re-time the found budgets side by side
-        timed = interleaved({lib: makers[lib](n) for lib, (n, _, _) in found.items()}, ctx.args.rounds, ctx.device)
+    if ctx.args.rounds > 1 and found:  # more rounds of the found budgets, side by side
+        timed = interleaved({lib: makers[lib](n) for lib, (n, _, _) in found.items()}, ctx.args.rounds - 1,
+                            ctx.device, {lib: (secs, ref * (1 + err)) for lib, (_, secs, err) in found.items()})
         found = {lib: (n, timed[lib][0], abs(timed[lib][1] / ref - 1)) for lib, (n, _, _) in found.items()}
     for lib, (n, secs, err) in found.items():
         rows.append(row("trace to 2%", ctx.name, lib, setting=f"{methods[lib]}, {n} products", seconds=secs,
@@ -1039,7 +1065,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="comma-separated subset of mlp,cnn,transformer")
     parser.add_argument("--peer-path", default=os.environ.get("KFAC_PYTORCH_PATH"),
                         help="a directory holding kfac-pytorch's package 'kfac' (or env KFAC_PYTORCH_PATH)")
-    parser.add_argument("--reference-probes", type=int, default=300,
+    parser.add_argument("--transformer-samples", type=int, default=1000,
+                        help="samples for the transformer (its products cost several times the MLP's)")
+    parser.add_argument("--reference-probes", type=int, default=90,
                         help="float64 Hutch++ probes of the trace reference where no exact diagonal is known")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=None, help="directory for peers.json and peers.md")
@@ -1071,11 +1099,14 @@ def _run(args: Any, device: torch.device) -> dict:
     batches = [(X.to(device), y.to(device)) for X, y in data.batches(bs)][: n // bs]
     versions = {lib: (getattr(importlib.import_module(MODULES.get(lib, lib).split(".")[0]), "__version__", "?")
                       if status[lib] is None else None) for lib in LIBS}
-    hw = platform.processor() or platform.machine()
+    hw = cpu_name()
     if device.type == "cuda":
         hw = torch.cuda.get_device_name(device)
     header = (f"# curvopt vs peers: torch {torch.__version__}, {hw}, {torch.get_num_threads()} threads, mnist1d "
-              f"{n} samples in batches of {bs}, median of {args.rounds} interleaved rounds")
+              f"{n} samples in batches of {bs}"
+              + ("" if args.quick or "transformer" not in args.models else
+                 f" (the transformer: the first {max(1, args.transformer_samples // bs) * bs})")
+              + f", median of {args.rounds} interleaved rounds")
     print(header)
     print("libraries: " + ", ".join(f"{LABELS[lib]} {versions[lib] or status[lib]}" for lib in LIBS))
     rows: list[dict] = []
@@ -1083,8 +1114,9 @@ def _run(args: Any, device: torch.device) -> dict:
     for name in args.models if model_tasks else []:
         t0 = time.perf_counter()
         model = prepared(name, args.quick, data, device)
-        ctx = Ctx(name, model, batches, status, args, device)
-        print(f"\n## {MODEL_LABELS[name]}: P = {ctx.P}", flush=True)
+        some = batches if args.quick or name != "transformer" else batches[:max(1, args.transformer_samples // bs)]
+        ctx = Ctx(name, model, some, status, args, device)
+        print(f"\n## {MODEL_LABELS[name]}: P = {ctx.P}, {sum(len(y) for _, y in some)} samples", flush=True)
         steps = [("products", lambda: task_products(ctx)),  # first: it decides the correctness column
                  ("eig1", lambda: task_eig(ctx, 1)), ("eig5", lambda: task_eig(ctx, 5)),
                  ("trace", lambda: task_trace(ctx)), ("density", lambda: task_density(ctx)),
