@@ -851,8 +851,8 @@ def kfac_step_times(status: dict, args: Any, device: torch.device) -> list[dict]
             model = builder().to(device)
             try:
                 step, _ = make_kfac(lib, model, 0.01)
-                for X, y in batches[:2]:
-                    step(X, y)  # warm-up: first factors and inverses
+                for i in range(steps):  # one window of warm-up (curvopt inverts more often in its first)
+                    step(*batches[i % len(batches)])
             except Exception as e:
                 rows.append(row(KFAC_STEP, label, lib, status=failure(e)))
                 continue
