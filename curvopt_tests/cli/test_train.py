@@ -99,3 +99,27 @@ def test_unknown_newton_option_is_a_one_line_error(tmp_path, capsys):
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ggn" in err
+
+
+@pytest.mark.parametrize("name", ["newton_mr", "trust_region", "arc"])
+def test_newton_type_optimizers_train_with_default_options(tmp_path, name):
+    # nothing set but the name (and digits, to keep it short): the command's cnn1d at batch 128 and the
+    # optimizer's defaults; with the Hessian (the classes' default) all three raised the loss on mnist1d
+    import math
+
+    from torch import nn
+
+    from curvopt.cli import _dataset, _model
+
+    cfg = tmp_path / "train.toml"
+    cfg.write_text(f'[optimizer]\nname = "{name}"\n[data]\ndataset = "digits"\n[train]\nepochs = 2\n'
+                   '[output]\nprogress = false\n')
+    assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    losses = [float(r["train_loss"]) for r in rows]
+    data = _dataset({"data": {"dataset": "digits"}})
+    model = _model({"model": {"arch": "cnn1d", "seed": 0}}, data.X_train.shape[1], data.num_classes)
+    with torch.no_grad():
+        initial = float(nn.functional.cross_entropy(model(data.X_train), data.y_train))
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.5 * initial, f"train loss {initial:.3f} -> {losses}"
