@@ -202,7 +202,8 @@ def test_transformer_trains_with_attention_in_diagonal_blocks():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
     model = nn.Sequential(layer, nn.Flatten(), nn.Linear(5 * 8, 3))
-    opt = curvopt.KFAC(model.parameters(), lr=0.02)
+    # fresh curvature at every one of the 15 steps (the defaults refresh it every 20)
+    opt = curvopt.KFAC(model.parameters(), lr=0.02, damping=1e-3, factor_every=1, inverse_every=10)
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(32, 5, 8, generator=g), torch.randint(0, 3, (32,), generator=g)
     losses = []

@@ -257,7 +257,7 @@ def test_diagonal_block_is_a_moving_average_of_n_grad_squared():
     model = _norm_mlp()
     lr, damping, decay, wd = 0.1, 1e-2, 0.9, 1e-3
     opt = curvopt.KFAC(model.parameters(), lr=lr, damping=damping, factor_decay=decay, weight_decay=wd,
-                       kl_clip=0, momentum=0)
+                       kl_clip=0, momentum=0, factor_every=1)  # D moves at every step
     w = model[1].weight
     D = None
     with warnings.catch_warnings():

@@ -1,5 +1,7 @@
 """curvopt.KFAC's hot path: host reads per step, and module hooks only while a factor update is due."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,30 @@ def test_closed_optimizer_never_reinstalls_its_hooks():
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
         assert not opt._hooks and not opt._pending
+
+
+def test_resumed_between_factor_updates_preconditions_like_the_original():
+    """A loaded state dict's layers were unknown until their next factor update, so in between their
+    weights got the diagonal fallback (silently wrong steps); the layers are now found at the next
+    forward pass."""
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10))
+    opt = curvopt.KFAC(model.parameters(), factor_every=4, inverse_every=8)
+    batches = _batches(5, d_in=40)
+    _train(model, opt, batches[:2])
+    resumed = mlp((40, 8, 10))
+    resumed.load_state_dict(model.state_dict())
+    ropt = curvopt.KFAC(resumed.parameters(), factor_every=4, inverse_every=8)
+    ropt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, batches[2:])  # steps 2, 3 without a factor update, then step 4 with one
+    _train(resumed, ropt, batches[2:])
+    for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert "diag" not in ropt.state[resumed[0].weight]
+
+
+def _train(model, opt, batches):
+    for X, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
