@@ -18,7 +18,7 @@ def test_kfac_defaults_benchmark_quick(capsys):
     assert "(c) " in capsys.readouterr().out
 
 
-def test_choice_needs_both_targets_then_prefers_the_worst_seed_then_the_mean_then_the_cheaper_schedule():
+def test_choice_needs_both_targets_then_prefers_the_worst_seed_then_the_cheaper_schedule():
     module = load_benchmark("kfac_defaults")
     costs = {"a": {(1, 10): {"vs Adam": 3.0}, (10, 100): {"vs Adam": 1.3}, (20, 200): {"vs Adam": 1.1}},
              "b": {(1, 10): {"vs Adam": 2.0}, (10, 100): {"vs Adam": 1.4}, (20, 200): {"vs Adam": 1.2}}}
@@ -34,3 +34,8 @@ def test_choice_needs_both_targets_then_prefers_the_worst_seed_then_the_mean_the
     assert module.choose(rows, costs, 1.5, 0.97) is as_good_cheaper
     assert module.choose(rows[:3], costs, 1.5, 0.97) is good
     assert module.choose(rows[:2], costs, 1.5, 0.97) is None
+    # worst seeds one test sample apart are a tie: the cheaper schedule wins; two steps apart, accuracy wins
+    tie = [row((10, 100), [0.983, 0.99]), row((20, 200), [0.981, 0.981])]
+    assert module.choose(tie, costs, 1.5, 0.97) is tie[1]
+    better = [row((10, 100), [0.99, 0.99]), row((20, 200), [0.981, 0.981])]
+    assert module.choose(better, costs, 1.5, 0.97) is better[0]
