@@ -104,7 +104,7 @@ DATASETS = ("mnist1d", "digits")
 LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
 #: ``lr`` when the config leaves it at 0: a sensible start per optimizer (1 = the full
 #: Newton / trust-region / cubic step).
-DEFAULT_LR = {"kfac": 0.05, "adam": 1e-3, "sgd": 0.05, "newton_mr": 1.0, "trust_region": 1.0, "arc": 1.0}
+DEFAULT_LR = {"kfac": 0.03, "adam": 1e-3, "sgd": 0.05, "newton_mr": 1.0, "trust_region": 1.0, "arc": 1.0}
 OPTIMIZERS = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "newton_mr": NewtonMR,
               "trust_region": TrustRegion, "arc": ARC}
 
