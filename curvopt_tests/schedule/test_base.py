@@ -202,7 +202,7 @@ def test_probes_and_fgsm_passes_leave_no_trace_in_kfac():
 
     def run(probes):
         model = _mlp(torch.float32)
-        opt = curvopt.KFAC(model.parameters(), lr=0.1, factor_decay=0.0)
+        opt = curvopt.KFAC(model.parameters(), lr=0.1, factor_decay=0.0, factor_every=1)
         loss_fn = nn.CrossEntropyLoss()
         if probes:
             sched = AdaptiveBatchSize(opt, model, loss_fn, (X, y), batch_size=12, max_batch_size=24,
@@ -229,7 +229,7 @@ def test_probes_and_fgsm_passes_leave_no_trace_in_kfac():
         assert not torch.equal(p, q)  # the FGSM examples changed the run
     # the probes alone (no adversarial examples) leave the run unchanged
     model = _mlp(torch.float32)
-    opt = curvopt.KFAC(model.parameters(), lr=0.1, factor_decay=0.0)
+    opt = curvopt.KFAC(model.parameters(), lr=0.1, factor_decay=0.0, factor_every=1)
     sched = AdaptiveBatchSize(opt, model, nn.CrossEntropyLoss(), (X, y), batch_size=12, max_batch_size=24,
                               probe_size=16, duration=100, lanczos_steps=4, lr_scaling="none", micro_batch_size=5)
     _train(sched, opt, model, 2)
