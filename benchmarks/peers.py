@@ -34,9 +34,9 @@ a network in training) and evaluated in ``eval()`` mode. Tasks (``--tasks``):
 * ``kfac``: a K-FAC step at equal schedule (factors every 10 steps, inverses every 100, amortized over 100
   steps) against kfac-pytorch's ``KFACPreconditioner`` + SGD, and test accuracy on the digits CNN at an equal
   tuning budget (best of 3 learning rates each on a validation split, 4 epochs, batch 64).
-* ``memory``: peak resident memory of each library's ``eig1`` in a fresh subprocess (``ru_maxrss`` after the
-  task minus before it, model and data already loaded: torch's CPU allocations are invisible to tracemalloc);
-  on CUDA ``torch.cuda.max_memory_allocated`` instead.
+* ``memory``: peak resident memory of each library's ``eig1`` in a fresh subprocess (Linux ``VmHWM``, reset
+  before the task, minus the resident size before it; model and data already loaded, the library's operator
+  built inside; torch's CPU allocations are invisible to tracemalloc); on CUDA ``torch.cuda.max_memory_allocated``.
 
 References: float64 copies of the model and data; Hessian-vector and GGN-vector products by reverse-over-reverse
 ``torch.autograd.grad``. Where P is small (``--quick``) the dense Hessian of ``torch.autograd.functional.hessian``
@@ -388,9 +388,16 @@ class Ctx:
         self.loss_fn = nn.CrossEntropyLoss()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.P = sum(p.numel() for p in self.params)
-        self.ref = Reference(model, self.loss_fn, batches, args.reference_probes)
+        self._ref: Reference | None = None
         self.wrong: dict[str, str] = {}  # lib -> why its answers do not count on this model
         self._ops: dict[str, Any] = {}
+
+    @property
+    def ref(self) -> Reference:
+        """The float64 reference, built on first use (the memory child never builds it)."""
+        if self._ref is None:
+            self._ref = Reference(self.model, self.loss_fn, self.batches, self.args.reference_probes)
+        return self._ref
 
     def peer(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """``fn`` run under :func:`math_attention` (peers only: curvopt picks its own path)."""
@@ -931,18 +938,43 @@ def child_memory(argv: list[str]) -> None:
     model.load_state_dict(saved["model"])
     model = model.eval().to(device)
     batches = [(X.to(device), y.to(device)) for X, y in saved["batches"]]
-    ctx = Ctx(spec["model"], model, batches, status, args, device)
-    fn = dict(eig_ladders(ctx, 1)[spec["lib"]])[spec["setting"]]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.max_memory_allocated()
+        before = torch.cuda.memory_allocated()
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn()
-    after = torch.cuda.max_memory_allocated() if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    scale = 2 ** 20 if device.type == "cuda" else 1024  # ru_maxrss is in KiB on Linux
-    print(json.dumps({"mb": (after - before) / scale}))
+        reset_peak_rss()
+        before = resident_kib("VmRSS")
+    # the library's operator is built inside the measured region (curvlinops' constructor runs products)
+    ctx = Ctx(spec["model"], model, batches, status, args, device)
+    dict(eig_ladders(ctx, 1)[spec["lib"]])[spec["setting"]]()
+    if device.type == "cuda":
+        mb = (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+    else:  # the peak resident size since the reset, minus the resident size before (both KiB on Linux)
+        mb = (resident_kib("VmHWM") - before) / 1024
+    print(json.dumps({"mb": mb}))
+
+
+def reset_peak_rss() -> None:
+    """Reset the peak resident size (``VmHWM``) to the current one (Linux >= 4.0): imports and loading must not
+    count in the task's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def resident_kib(field: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak since the last reset) in KiB from ``/proc/self/status``, else
+    ``ru_maxrss`` (the peak of the whole process)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def task_memory(ctx: Ctx, settings: dict[str, str], args: Any) -> list[dict]:
