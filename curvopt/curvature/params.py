@@ -166,9 +166,14 @@ class ParameterSnapshot:
         """Whether ``params`` hold exactly the saved values (shape, dtype and entries)."""
         if len(params) != len(self.values):
             return False
+        if any(p.shape != v.shape or p.dtype != v.dtype or p.device != v.device
+               for p, v in zip(params, self.values)):
+            return False
+        if not params:
+            return True
         with torch.no_grad():
-            return all(p.shape == v.shape and p.dtype == v.dtype and torch.equal(p.detach(), v)
-                       for p, v in zip(params, self.values))
+            # One host read for all parameters (a cached product checks this at every Krylov step), not one each.
+            return bool(torch.stack([torch.eq(p.detach(), v).all() for p, v in zip(params, self.values)]).all())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ParameterSnapshot):

@@ -92,3 +92,23 @@ def test_data_loop_rechecks_a_loss_changed_in_place_and_names_its_batch():
     fresh = [torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(1.0)]
     with pytest.raises(NonFiniteLossError, match="batch 1"):
         accumulate(_stored_products(fresh), data, reduction="mean")
+
+
+def test_a_parameter_snapshot_check_reads_the_host_once():
+    """A cached operator checks its parameters against the snapshot at every product: one read, not one per
+    parameter (a 3-layer MLP has 6)."""
+    from curvopt.curvature.params import ParameterSnapshot
+
+    params = [torch.randn(4, 3), torch.randn(4), torch.randn(5, 4), torch.randn(5), torch.randn(2, 5),
+              torch.randn(2)]
+    snap = ParameterSnapshot(params)
+    with CountSyncs() as mode:
+        assert snap.matches(params)
+    assert mode.count == 1
+    changed = [p.clone() for p in params]
+    changed[3][0] += 1
+    assert not snap.matches(changed)
+    nan = [p.clone() for p in params]
+    nan[0][0, 0] = float("nan")
+    assert not ParameterSnapshot(nan).matches(nan)  # NaN != NaN, as with torch.equal
+    assert not snap.matches(params[:-1]) and not snap.matches([p.double() for p in params])
