@@ -106,8 +106,10 @@ def curvature_pass(model: nn.Module) -> Iterator[None]:
             m.training = training
         with torch.no_grad():
             for b, saved in buffers:
-                if b.shape != saved.shape or not torch.equal(b, saved):
-                    b.data = saved  # also undoes a resize; same dtype and device
+                if b.shape != saved.shape:
+                    b.data = saved  # undoes a resize; same dtype and device
+                else:
+                    b.copy_(saved)  # a device copy, where comparing first would read the host per buffer
 
 
 def seed_batch(index: int, seed: int = 0) -> None:

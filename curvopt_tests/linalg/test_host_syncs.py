@@ -112,3 +112,21 @@ def test_a_parameter_snapshot_check_reads_the_host_once():
     nan[0][0, 0] = float("nan")
     assert not ParameterSnapshot(nan).matches(nan)  # NaN != NaN, as with torch.equal
     assert not snap.matches(params[:-1]) and not snap.matches([p.double() for p in params])
+
+
+def test_a_curvature_pass_restores_buffers_without_reading_the_host():
+    """BatchNorm's buffers come back as found at the end of every pass, by device copies: no host read per
+    buffer (a pass ran once per product)."""
+    from torch import nn
+
+    from curvopt.curvature.model_state import curvature_pass
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with CountSyncs() as mode:
+        with curvature_pass(model):
+            model[1].running_mean.add_(1.0)  # a pass that changed a buffer in place
+            model[3].num_batches_tracked += 5
+    assert mode.count == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
