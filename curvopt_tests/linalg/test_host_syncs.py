@@ -8,27 +8,19 @@ the mode does not see, so whatever it counts would be a device synchronisation o
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from curvopt.curvature.data_loop import accumulate
 from curvopt.errors import NonFiniteLossError
 from curvopt.linalg import lanczos, power_iteration, trace_estimate
+from curvopt_tests.host_reads import CountHostReads
 from curvopt_tests.linalg.test_spectral_algorithms import BlockedMatrix
 
 SYNCS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "cpu", "equal", "nonzero"}
 
 
-class CountSyncs(TorchFunctionMode):
-    """Counts the calls that read a tensor's value on the host."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in SYNCS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+def CountSyncs() -> CountHostReads:
+    """A mode counting the calls in :data:`SYNCS`."""
+    return CountHostReads(SYNCS)
 
 
 def spectrum_matrix(n=60, seed=0):

@@ -5,26 +5,17 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import curvopt
 from curvopt.models import digits_cnn, mlp
+from curvopt_tests.host_reads import CountHostReads
 
 #: Tensor methods that copy device data to the host (a synchronisation on an accelerator).
 HOST_READS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__complex__"}
 
 
-class _HostReads(TorchFunctionMode):
-    """Counts the host reads of tensors made inside the mode."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in HOST_READS:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+def _HostReads() -> CountHostReads:
+    return CountHostReads(HOST_READS)
 
 
 def _batches(n_batches, n=16, d_in=64, classes=10, seed=0):
