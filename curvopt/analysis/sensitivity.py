@@ -14,7 +14,7 @@ from torch import nn
 
 from curvopt.analysis._data import checked_data
 from curvopt.analysis.spectrum import _generator, top_eigenvalues
-from curvopt.curvature.data_loop import first_batch, to_model
+from curvopt.curvature.data_loop import first_batch, one_bar, to_model
 from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.registry import curvature as build_curvature
 from curvopt.errors import OptionError, QuantizationError
@@ -394,23 +394,24 @@ def sensitivity(
         params = dict(model.named_parameters())
         selected = [n for layer in layers if layer.status == "ok" for n in layer.params]
         options.setdefault("cache", True)
-        _trace_pass(model, loader, loss_fn, report, layers, scored, selected, distinct, params, curvature,
-                    probes, method, top_eigenvalue, seed, progress, options)
-        if score == "hawq_v1":
-            top = {w: _top_eigenvalue(model, loader, loss_fn, curvature, w, seed, progress, options)
-                   for w in distinct}
-            for n, w in scored.items():
-                by_name[n].weight_top_eigenvalue = top[w]
-        elif score == "qbert":
-            subsets = data_subsets(loader, seed=seed)
-            eig = {w: [_top_eigenvalue(model, sub, loss_fn, curvature, w, seed, progress, options)
-                       for sub in subsets] for w in distinct}
-            for n, w in scored.items():
-                by_name[n].qbert_eigenvalues = eig[w]
-        elif score == "gptq" and scored:
-            report.input_moments = input_moments(model, loss_fn, loader, {n: modules[n] for n in scored},
-                                                 progress=progress)
-        elif score == "measured" and scored:
+        with one_bar(progress, f"sensitivity ({score})"):  # one bar for all passes, not one per product
+            _trace_pass(model, loader, loss_fn, report, layers, scored, selected, distinct, params, curvature,
+                        probes, method, top_eigenvalue, seed, progress, options)
+            if score == "hawq_v1":
+                top = {w: _top_eigenvalue(model, loader, loss_fn, curvature, w, seed, progress, options)
+                       for w in distinct}
+                for n, w in scored.items():
+                    by_name[n].weight_top_eigenvalue = top[w]
+            elif score == "qbert":
+                subsets = data_subsets(loader, seed=seed)
+                eig = {w: [_top_eigenvalue(model, sub, loss_fn, curvature, w, seed, progress, options)
+                           for sub in subsets] for w in distinct}
+                for n, w in scored.items():
+                    by_name[n].qbert_eigenvalues = eig[w]
+            elif score == "gptq" and scored:
+                report.input_moments = input_moments(model, loss_fn, loader, {n: modules[n] for n in scored},
+                                                     progress=progress)
+        if score == "measured" and scored:
             base, raw = measured_increases(model, loss_fn, loader, list(scored), measured, quantizer)
             report.full_precision_loss = base
             for n, inc in raw.items():

@@ -10,7 +10,7 @@ import torch
 
 from curvopt.curvature.base import CurvatureOperator
 from curvopt.curvature.block_diagonal import BlockDiagonalOperator
-from curvopt.curvature.data_loop import is_single_batch
+from curvopt.curvature.data_loop import is_single_batch, one_bar
 from curvopt.errors import OptionError
 from curvopt.linalg import (
     LanczosResult,
@@ -84,6 +84,12 @@ def reused_contexts(op: SymmetricOperator, cache: bool | str = "auto") -> Iterat
         owner.clear_cache()
 
 
+def _one_bar(op: SymmetricOperator, desc: str) -> contextlib.AbstractContextManager:
+    """One progress bar for the call when ``op`` was built with ``progress=``, counting its passes."""
+    owner = op.base if isinstance(op, BlockDiagonalOperator) else op
+    return one_bar(getattr(owner, "progress", False), desc)
+
+
 def _generator(seed: int | torch.Generator | None) -> torch.Generator:
     if isinstance(seed, torch.Generator):
         return seed
@@ -139,7 +145,7 @@ def top_eigenvalues(
     g = _generator(seed)
     if method == "power" and which != "largest":
         raise ValueError("power iteration finds the largest-magnitude eigenvalues only; use lanczos")
-    with reused_contexts(op, cache):
+    with reused_contexts(op, cache), _one_bar(op, f"top-{k} eigenvalues"):
         if method == "power":
             return power_iteration(op, k, tol=tol, max_iter=max_iter or 200, generator=g)
         return lanczos(op, k, which=which, tol=tol, max_iter=max_iter, generator=g)
@@ -161,7 +167,7 @@ def trace(
     layer's trace, and the blocks add up to the whole. ``cache`` as for :func:`top_eigenvalues`
     (Hutch++ passes over the data three times).
     """
-    with reused_contexts(op, cache):
+    with reused_contexts(op, cache), _one_bar(op, "trace"):
         return trace_estimate(op, probes, method=method, per_block=per_block, generator=_generator(seed))
 
 
@@ -187,6 +193,6 @@ def spectral_density(
     Returns:
         ``(grid [grid_size], density [grid_size])`` with the density integrating to ~1.
     """
-    with reused_contexts(op, cache):
+    with reused_contexts(op, cache), _one_bar(op, "spectral density"):
         nodes, weights = slq_nodes(op, probes=probes, steps=steps, generator=_generator(seed))
     return spectral_density_from_nodes(nodes, weights, grid_size=grid_size, sigma=sigma)

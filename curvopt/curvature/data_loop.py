@@ -7,6 +7,8 @@ are all-reduced when a ``torch.distributed`` process group is active.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -106,6 +108,30 @@ def first_batch(data: Any, where: str) -> tuple[Any, Any]:
     raise EmptyDataError(f"{where}: the data holds no samples (no batch, or every batch is empty)")
 
 
+#: The bar of the estimator running now (see :func:`one_bar`); passes count into it instead of a bar each.
+_ESTIMATOR_BAR: contextvars.ContextVar[Any] = contextvars.ContextVar("curvopt_estimator_bar", default=None)
+
+
+@contextlib.contextmanager
+def one_bar(progress: bool | str, desc: str) -> Iterator[None]:
+    """Within the block, passes over the data that would show a progress bar each (``progress=`` of an
+    operator) count into one bar instead, ``desc``, in passes: one bar per estimator, not one per product.
+    Nested blocks use the outer bar. ``progress`` falsy: nothing is shown."""
+    if not progress or _ESTIMATOR_BAR.get() is not None:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    label = f"{desc} ({progress})" if isinstance(progress, str) else desc
+    bar = tqdm(desc=label, unit="pass")
+    token = _ESTIMATOR_BAR.set(bar)
+    try:
+        yield
+    finally:
+        _ESTIMATOR_BAR.reset(token)
+        bar.close()
+
+
 def accumulate(
     product: BatchProduct,
     data: Any,
@@ -127,7 +153,8 @@ def accumulate(
         weight: ``weight(X, y, n) -> N_b``, the loss terms of a batch of ``n`` samples (e.g. its
             counted targets, :func:`curvopt.curvature.losses.loss_terms`); a batch without any is
             skipped, as an empty one is. Default: ``n``.
-        progress: Show a tqdm bar over the batches (a string is its description).
+        progress: Show a tqdm bar over the batches (a string is its description); inside
+            :func:`one_bar`, count this pass into that bar instead.
         process_group: A ``torch.distributed`` group to all-reduce over; ``None`` uses
             the default group when one is initialized, and no communication otherwise.
 
@@ -143,7 +170,8 @@ def accumulate(
     n_samples = 0
     batch_of_loss: list[int] = []  # the batch index behind each unchecked loss
     batches = iterate_batches(data)
-    if progress:
+    estimator_bar = _ESTIMATOR_BAR.get() if progress else None
+    if progress and estimator_bar is None:
         from tqdm.auto import tqdm
 
         count = 1 if is_single_batch(data) else (len(data) if hasattr(data, "__len__") else None)
@@ -164,6 +192,8 @@ def accumulate(
         total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
         n_samples += n
     _check_finite(unchecked, batch_of_loss)
+    if estimator_bar is not None:
+        estimator_bar.update(1)
 
     group_active = dist.is_available() and dist.is_initialized()
     if group_active:
