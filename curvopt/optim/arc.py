@@ -60,9 +60,10 @@ class ARC(SecondOrderOptimizer):
         sigma = state["sigma"]
         result = cubic_subproblem(op, g, sigma, rtol=group["rtol"], max_iter=group["max_iter"],
                                   shift=group["damping"])
-        rho = self._model_step_ratio(group, state, stats, closure, params, origin, result, g, sigma)
-        if isinstance(rho, bool):
-            return rho
+        trial = self._model_step_ratio(group, state, stats, closure, params, origin, result, g, sigma)
+        if trial.decision is not None:
+            return trial.decision
+        rho = trial.ratio
         if rho >= group["eta2"]:
             state["sigma"] = max(state["sigma"] / group["gamma"], group["sigma_min"])
         elif rho < group["eta1"]:

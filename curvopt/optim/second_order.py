@@ -282,19 +282,19 @@ class SecondOrderOptimizer(Optimizer, ABC):
 
     def _model_step_ratio(self, group: dict, state: dict, stats: StepStats, closure: Any,
                           params: list[torch.Tensor], origin: list[torch.Tensor], result: Any,
-                          g: torch.Tensor, sigma: float = 0.0) -> float | bool:
+                          g: torch.Tensor, sigma: float = 0.0) -> StepTrial:
         """Try ``lr`` times the subproblem step ``result.x`` (trust region, ARC): the ratio of actual to
-        predicted decrease, or the decision itself (a ``bool``) where no ratio applies: nothing to do,
-        a solve that failed at once, or a stationary point, where the ratio is round-off noise.
+        predicted decrease, or the decision itself where no ratio applies: nothing to do, a solve that
+        failed at once, or a stationary point, where the ratio is round-off noise.
 
         The model ``m(p) = g^T p + 1/2 p^T H p + sigma/3 ||p||^3`` is evaluated at ``lr * p`` from
         ``m(p)``, ``g^T p`` and ``||p||`` (no further curvature product)."""
         stats.solver_iterations, stats.stop_reason = result.iterations, result.reason
         if result.reason == "zero_rhs":
-            return False
+            return StepTrial(decision=False)
         if result.reason == "nonfinite" and result.iterations <= 1:
             self._on_failure(group, state)
-            return False
+            return StepTrial(decision=False)
         t = float(group["lr"])
         predicted = -float(result.model_value)
         if t != 1.0:
@@ -307,10 +307,19 @@ class SecondOrderOptimizer(Optimizer, ABC):
         stats.trial_loss = f
         if math.isfinite(f) and round_off(predicted, stats.loss):
             stats.step_norm = t * float(torch.linalg.norm(result.x)) if f <= stats.loss else 0.0
-            return f <= stats.loss
+            return StepTrial(decision=f <= stats.loss)
         rho = (stats.loss - f) / predicted if (math.isfinite(f) and predicted > 0) else -math.inf
         stats.ratio = rho
-        return rho
+        return StepTrial(ratio=rho)
+
+
+@dataclass(frozen=True)
+class StepTrial:
+    """A tried model step: ``decision`` (accept or reject) where no ratio applies, else the ``ratio`` of
+    actual to predicted decrease for the method's own acceptance and radius/sigma update."""
+
+    decision: bool | None = None
+    ratio: float = math.nan
 
 
 def round_off(predicted: float, loss: float) -> bool:

@@ -60,9 +60,10 @@ class TrustRegion(SecondOrderOptimizer):
                  params: list[torch.Tensor], origin: list[torch.Tensor], g: torch.Tensor) -> bool:
         radius = state["radius"]
         result = steihaug_cg(op, g, radius, rtol=group["rtol"], max_iter=group["max_iter"], shift=group["damping"])
-        rho = self._model_step_ratio(group, state, stats, closure, params, origin, result, g)
-        if isinstance(rho, bool):
-            return rho
+        trial = self._model_step_ratio(group, state, stats, closure, params, origin, result, g)
+        if trial.decision is not None:
+            return trial.decision
+        rho = trial.ratio
         step_norm, f = group["lr"] * float(torch.linalg.norm(result.x)), stats.trial_loss
         if rho < 0.25:
             state["radius"] = group["shrink"] * (step_norm if math.isfinite(f) and step_norm > 0 else radius)
