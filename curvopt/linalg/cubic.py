@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from curvopt.linalg.lanczos import _lanczos_steps
+from curvopt.linalg.lanczos import _lanczos_steps, tridiagonal
 from curvopt.linalg.operator import Shifted, SymmetricOperator, size_of
 from curvopt.linalg.solve_result import SolveResult, check_tolerances, finite
 
@@ -101,9 +101,8 @@ def cubic_subproblem(
                 math.isfinite(float(state.beta[-1]))):
             best.reason, best.iterations = "nonfinite", m
             return best
-        a, b = state.alpha.numpy(), state.beta.numpy()
-        T = np.diag(a) + np.diag(b[:-1], 1) + np.diag(b[:-1], -1)
-        y, value = cubic_reduced(T, g_norm, float(sigma))
+        b = state.beta.numpy()
+        y, value = cubic_reduced(tridiagonal(state.alpha, state.beta).numpy(), g_norm, float(sigma))
         residual = abs(float(b[-1]) * float(y[-1]))
         s = state.basis.combine(torch.as_tensor(y))
         best = SolveResult(s, m, "max_iterations", residual, model_value=value)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from curvopt.linalg.lanczos import _final_state
+from curvopt.linalg.lanczos import _final_state, tridiagonal
 from curvopt.linalg.operator import SymmetricOperator, rademacher, size_of
 
 
@@ -30,10 +30,7 @@ def slq_nodes(
         alpha, beta = state.alpha, state.beta
         del state  # one probe's basis alive at a time
         m = alpha.shape[0]
-        T = torch.diag(alpha)
-        if m > 1:
-            T = T + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
-        theta, S = torch.linalg.eigh(T)
+        theta, S = torch.linalg.eigh(tridiagonal(alpha, beta))
         nodes[i, :m] = theta
         weights[i, :m] = S[0] ** 2
     return nodes, weights

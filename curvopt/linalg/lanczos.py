@@ -167,6 +167,16 @@ def lanczos_tridiagonal(
     return state.alpha, state.beta, state.basis.dense()
 
 
+def tridiagonal(alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """The Lanczos matrix ``T [m, m]``: ``alpha [m]`` on the diagonal, ``beta[:m-1]`` beside it (``beta``
+    may hold one more coefficient, the residual's norm, which ``T`` does not use)."""
+    m = alpha.shape[0]
+    T = torch.diag(alpha)
+    if m > 1:
+        T = T + torch.diag(beta[: m - 1], 1) + torch.diag(beta[: m - 1], -1)
+    return T
+
+
 def _final_state(A: SymmetricOperator, v0: torch.Tensor, steps: int) -> _State:
     """The state after the last of ``steps`` Lanczos steps (no restart)."""
     return deque(_lanczos_steps(A, v0, steps), maxlen=1)[0]
@@ -237,13 +247,9 @@ def _within(theta: np.ndarray, bounds: np.ndarray, tol: float) -> bool:
 def _ritz_pairs(state: _State, k: int, which: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The wanted ``min(k, m)`` Ritz values ``[kk]``, their ``T`` eigenvectors ``[m, kk]`` and residual
     bounds ``|beta_m s_{m,i}| = ||A x_i - theta_i x_i||`` ``[kk]``, from the host copy of ``T``."""
-    alpha, beta = state.alpha.numpy(), state.beta.numpy()
-    m = alpha.shape[0]
-    T = np.diag(alpha)
-    if m > 1:
-        T += np.diag(beta[: m - 1], 1) + np.diag(beta[: m - 1], -1)
-    theta, S = np.linalg.eigh(T)
+    beta = state.beta.numpy()
+    theta, S = np.linalg.eigh(tridiagonal(state.alpha, state.beta).numpy())
     if which == "largest":
         theta, S = theta[::-1], S[:, ::-1]
-    kk = min(k, m)
+    kk = min(k, theta.shape[0])
     return theta[:kk], S[:, :kk], np.abs(beta[-1] * S[-1, :kk])
