@@ -12,8 +12,8 @@ from torch import nn
 from torch.func import functional_call
 
 from curvopt.analysis._data import checked_data
-from curvopt.curvature.data_loop import to_model
-from curvopt.curvature.losses import data_loss, resolve_reduction
+from curvopt.curvature.data_loop import accumulate, to_model
+from curvopt.curvature.losses import loss_terms, resolve_reduction
 from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.params import select_parameters
 from curvopt.errors import ShapeError
@@ -139,8 +139,12 @@ def loss_landscape(
         def loss_at(shift: torch.Tensor) -> float:
             moved = {n: b + s.reshape(b.shape) for n, b, s in zip(names, base, shift.split(sizes))}
 
-            return data_loss(lambda index, X, y: evaluate(moved, index, X, y), data, loss_fn, reduction,
-                             progress)
+            def product(index: int, X: Any, y: torch.Tensor):
+                loss = evaluate(moved, index, X, y)
+                return loss, [loss.reshape(1)]
+
+            return float(accumulate(product, data, reduction=reduction, progress=progress,
+                                    weight=lambda X, y, n: loss_terms(loss_fn, y, n, reduction))[0])
 
         if len(dirs) == 1:
             losses = torch.tensor([loss_at(float(a) * dirs[0]) for a in coords], dtype=torch.float64)

@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curvopt.curvature.data_loop import accumulate
 from curvopt.errors import UnsupportedLossError
 
 SUPPORTED_LOSSES = ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss")
@@ -305,20 +304,6 @@ FUNCTIONAL_LOSSES = {
     F.mse_loss: nn.MSELoss,
     F.binary_cross_entropy_with_logits: nn.BCEWithLogitsLoss,
 }
-
-
-def data_loss(batch_loss: Callable[[int, Any, Any], torch.Tensor], data: Any, loss_fn: Any, reduction: str,
-              progress: bool | str = False) -> float:
-    """The loss torch computes over all batches of ``data`` together: ``batch_loss(index, X, y)`` (batch
-    ``index``'s loss, a scalar; no graph needed) through the one data loop, each batch weighted by its loss
-    terms (:func:`loss_terms`) under ``reduction`` (``"mean"`` or ``"sum"``)."""
-
-    def product(index: int, X: Any, y: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        loss = batch_loss(index, X, y)
-        return loss, [loss.detach().reshape(1)]
-
-    return float(accumulate(product, data, reduction=reduction, progress=progress,
-                            weight=lambda X, y, n: loss_terms(loss_fn, y, n, reduction))[0])
 
 
 def loss_spec(loss_fn: object, backend: str, reduction: str | None = None) -> LossSpec:

@@ -31,7 +31,7 @@ from torch import nn
 
 from curvopt.curvature.data_loop import accumulate, batch_size, iterate_batches, to_model
 from curvopt.curvature.kfac import input_factor, kronecker_structured, layer_inputs, statistics_dtype
-from curvopt.curvature.losses import data_loss, resolve_reduction
+from curvopt.curvature.losses import loss_terms, resolve_reduction
 from curvopt.curvature.model_state import seed_batch
 from curvopt.errors import OptionError, UnsupportedModuleError
 from curvopt.quant.fake import fake_quantized
@@ -103,13 +103,15 @@ def dataset_loss(model: nn.Module, loss_fn: Any, data: Any, reduction: str | Non
     if reduction is None:
         reduction = resolve_reduction(loss_fn, None, data, forward, "sensitivity(loader=...)")
 
-    def batch_loss(index: int, X: Any, y: Any) -> torch.Tensor:
+    def product(index: int, X: Any, y: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         seed_batch(index)
         with torch.no_grad():
             out, y = forward(X, y)
-            return loss_fn(out, y).double()  # summed over batches in float64
+            loss = loss_fn(out, y)
+        return loss, [loss.detach().double().reshape(1)]
 
-    return data_loss(batch_loss, data, loss_fn, reduction)
+    return float(accumulate(product, data, reduction=reduction,
+                            weight=lambda X, y, n: loss_terms(loss_fn, y, n, reduction))[0])
 
 
 def measured_increases(model: nn.Module, loss_fn: Any, data: Any, modules: Sequence[str],
