@@ -28,8 +28,11 @@ def _worker(rank: int, world: int, init_file: str, name: str, queue) -> None:
         batches = list(zip(X[shard].split(4), y[shard].split(4)))
         op = curvopt.curvature(name, model, nn.CrossEntropyLoss(), batches)
         queue.put((rank, op.to_dense().numpy()))  # by value: a shared tensor dies with its process
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
+    queue.close()
+    queue.join_thread()  # the result is flushed before the process exits
 
 
 @pytest.mark.parametrize("name", ["hessian", "ggn"])
