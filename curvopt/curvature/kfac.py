@@ -21,18 +21,36 @@ fire in a pass although its weight was used.
 
 from __future__ import annotations
 
-import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import vjp, vmap
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
+from curvopt.curvature.kfac_factors import (  # noqa: F401 - re-exported: the per-layer math's old home
+    DiagonalBlock,
+    KroneckerFactors,
+    _statistics_dtype,
+    factored_inverses,
+    factored_inverses_cholesky,
+    factored_inverses_cholesky_many,
+    factored_product,
+    input_factor,
+    kronecker_solve,
+    output_factor,
+    statistics_dtype,
+)
+from curvopt.curvature.kfac_layers import (  # noqa: F401 - re-exported
+    KRONECKER_DESCRIPTION,
+    functional_linears,
+    kronecker_structured,
+    layer_inputs,
+    layer_output_vectors,
+    sample_coupling_norms,
+)
 from curvopt.curvature.losses import LossSpec, loss_spec
 from curvopt.curvature.model_state import curvature_pass
 from curvopt.curvature.registry import register_curvature
@@ -41,245 +59,32 @@ from curvopt.errors import OptionError, ParameterError, ShapeError, UnsupportedM
 
 FISHER_TYPES = ("type2", "mc", "empirical")
 APPROXIMATIONS = ("expand", "reduce")
-KRONECKER_DESCRIPTION = "Linear, and Conv1d/Conv2d with groups=1 and zero padding"
-
-
-def layer_inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A layer's inputs as ``[N, T, d_in]`` (``T`` weight-sharing positions); for convolutions
-    the patches, ordered like ``weight.reshape(out, -1)`` and positions row-major."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(x.shape[0], -1, x.shape[-1])
-    dims = x.dim() - 2
-    pads = _conv_pads(module, dims)
-    if any(pads):
-        x = F.pad(x, pads)
-    # windows as strided views (Tensor.unfold), then one copy; F.unfold (im2col) loops over
-    # samples and needs Conv1d inputs lifted to 2-d
-    for i in range(dims):
-        x = x.unfold(2 + i, module.dilation[i] * (module.kernel_size[i] - 1) + 1, module.stride[i])
-    if any(d != 1 for d in module.dilation):
-        x = x[(..., *(slice(None, None, d) for d in module.dilation))]
-    n, positions = x.shape[0], x.shape[2:2 + dims]
-    x = x.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))  # [N, T..., C, k...]
-    return x.reshape(n, math.prod(positions), -1)
-
-
-def _conv_pads(module: nn.Module, dims: int) -> list[int]:
-    """A convolution's zero padding in ``F.pad``'s order (last dimension first); ``"same"``
-    puts the odd element on the right, as PyTorch does."""
-    if module.padding == "valid":
-        return [0] * (2 * dims)
-    pads = []
-    for i in reversed(range(dims)):
-        if module.padding == "same":
-            total = module.dilation[i] * (module.kernel_size[i] - 1)
-            pads += [total // 2, total - total // 2]
-        else:
-            pads += [module.padding[i]] * 2
-    return pads
-
-
-def kronecker_structured(module: nn.Module) -> bool:
-    """Whether K-FAC factors the layer's weight as ``A ⊗ G``: ``Linear``, and ``Conv1d``/``Conv2d``
-    with ``groups=1`` and zero padding. Other layers' parameters get diagonal blocks."""
-    if isinstance(module, nn.Linear):
-        return True
-    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1 and module.padding_mode == "zeros"
-
-
-def functional_linears(model: nn.Module) -> set[int]:
-    """``id``s of the ``Linear`` modules whose parent applies their weight functionally, so that
-    their own forward (and its hooks) never runs: ``nn.MultiheadAttention``'s ``out_proj``."""
-    return {id(m.out_proj) for m in model.modules()
-            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Module)}
-
-
-def sample_coupling_norms(model: nn.Module) -> list[str]:
-    """Names of the ``BatchNorm`` layers that normalize with batch statistics in the model's current
-    mode (training mode, or no running statistics): they couple the samples of a batch."""
-    return [f"{n or '<model>'!r} ({type(m).__name__})" for n, m in model.named_modules()
-            if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
-
-
-def layer_output_vectors(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Vectors at a layer's output, ``[K, N, out, *spatial]`` (conv) or ``[K, N, *, out]``
-    (linear), as ``[K, N, T, out]``."""
-    K, n = g.shape[:2]
-    if isinstance(module, nn.Linear):
-        return g.reshape(K, n, -1, g.shape[-1])
-    return g.reshape(K, n, g.shape[2], -1).transpose(2, 3)
-
-
-def input_factor(a: torch.Tensor, approx: str, *, bias: bool = False, alpha: float = 1.0,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """``A``: mean of ``a a^T`` over samples (and positions for ``expand``), ``a`` ``[N, T, d]``,
-    with a constant 1 appended to ``a`` for a ``bias``; times ``alpha``, and added to ``out``
-    in place when it is given. The bias row and column are the input sums, so the inputs are
-    never copied to append the 1. Half-precision inputs are summed in float32."""
-    a = _statistics_dtype(a)
-    if approx == "reduce":
-        a = a.mean(1, keepdim=True)
-    a = a.reshape(-1, a.shape[-1])
-    weight = alpha / a.shape[0]
-    if not bias:
-        return _gram(a, weight, out)
-    d = a.shape[1]
-    if out is None:
-        out = a.new_zeros(d + 1, d + 1)
-    _gram(a, weight, out[:d, :d])
-    sums = a.sum(0)
-    out[:d, d].add_(sums, alpha=weight)
-    out[d, :d].add_(sums, alpha=weight)
-    out[d, d].add_(alpha)
-    return out
-
-
-def output_factor(g: torch.Tensor, approx: str, *, alpha: float = 1.0,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum g g^T`` over vectors, samples and positions (positions summed first for
-    ``reduce``), for ``g`` of shape ``[K, N, T, out]``; times ``alpha``, and added to ``out``
-    in place when it is given."""
-    g = _statistics_dtype(g)
-    if approx == "reduce":
-        g = g.sum(2, keepdim=True)
-    g = g.reshape(-1, g.shape[-1])
-    return _gram(g, alpha, out)
-
-
-def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype curvature statistics of tensors of ``dtype`` are accumulated and kept in:
-    float32 for half precision, else ``dtype`` itself."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _statistics_dtype(x: torch.Tensor) -> torch.Tensor:
-    """Half-precision activations and gradients (autocast) in float32: their second-moment
-    sums overflow float16 (65504) at ordinary magnitudes, and a GradScaler's scale squares."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _gram(x: torch.Tensor, alpha: float, out: torch.Tensor | None) -> torch.Tensor:
-    """``alpha x^T x`` (plus ``out``, in place). Scaling in place and accumulating with
-    ``addmm_`` allocate no factor-sized temporaries, which on CPU cost page faults each."""
-    if out is not None:
-        return out.addmm_(x.T, x, alpha=alpha)
-    gram = x.T @ x
-    return gram if alpha == 1.0 else gram.mul_(alpha)
-
-
-def _pi(mean_eig_A: torch.Tensor, mean_eig_G: torch.Tensor) -> torch.Tensor:
-    return ((mean_eig_A / mean_eig_G.clamp_min(1e-30)).clamp_min(1e-30)).sqrt()
-
-
-def factored_inverses(
-    eig_A: tuple[torch.Tensor, torch.Tensor], eig_G: tuple[torch.Tensor, torch.Tensor], damping: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A + pi sqrt(d) I)^{-1}`` and ``(G + sqrt(d)/pi I)^{-1}`` from ``(eigenvalues, eigenvectors)``
-    of ``A`` and ``G``, with ``pi = sqrt((tr A / dim A) / (tr G / dim G))``: the factored Tikhonov
-    damping of Martens & Grosse (2015, section 6.3)."""
-    pi = _pi(eig_A[0].mean(), eig_G[0].mean())
-    return _inverse_from_eig(eig_A, pi * damping**0.5), _inverse_from_eig(eig_G, damping**0.5 / pi)
-
-
-def _inverse_from_eig(eig: tuple[torch.Tensor, torch.Tensor], shift: Any) -> torch.Tensor:
-    """``(M + shift I)^{-1}`` from ``(eigenvalues, eigenvectors)`` of a symmetric ``M``."""
-    lam, Q = eig
-    return (Q / (lam + shift)) @ Q.T
-
-
-def factored_inverses_cholesky(
-    A: torch.Tensor, G: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The :func:`factored_inverses` from the factors themselves, by Cholesky (several times
-    cheaper than an eigendecomposition); a factor that is not numerically positive definite
-    after damping falls back to its eigendecomposition with the eigenvalues clamped at 0."""
-    return factored_inverses_cholesky_many([(A, G, damping)])[0]
-
-
-def factored_inverses_cholesky_many(
-    factors: list[tuple[torch.Tensor, torch.Tensor, float]],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`factored_inverses_cholesky` of several layers' ``(A, G, damping)``, with one read of
-    the device for all their factorizations' success flags (instead of one per factor)."""
-    pairs = []
-    for A, G, damping in factors:
-        pi = _pi(A.diagonal().mean(), G.diagonal().mean())
-        pairs += [(A, pi * damping**0.5), (G, damping**0.5 / pi)]
-    inverses = _damped_inverses(pairs)
-    return list(zip(inverses[::2], inverses[1::2]))
-
-
-def _damped_inverses(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """``(M + shift I)^{-1}`` for each ``(M, shift)``, by Cholesky; the success flags are read in one
-    synchronisation, and a factorization that failed falls back to ``eigh`` with clamped eigenvalues."""
-    if not pairs:
-        return []
-    factorizations = []
-    for M, shift in pairs:
-        damped = M.clone()
-        damped.diagonal().add_(shift)
-        factorizations.append(torch.linalg.cholesky_ex(damped))
-    infos = torch.stack([info for _, info in factorizations]).tolist()
-    out = []
-    for (M, shift), (L, _), info in zip(pairs, factorizations, infos):
-        if info == 0:
-            out.append(torch.cholesky_inverse(L))
-        else:
-            lam, Q = torch.linalg.eigh(M)
-            out.append(_inverse_from_eig((lam.clamp_min(0.0), Q), shift))
-    return out
-
-
-def factored_product(
-    G_inv: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor | None, A_inv: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A layer's K-FAC update ``G_inv [gw | gb] A_inv`` (weight gradient ``gw`` ``[out, in]``, bias
-    gradient ``gb`` ``[out]`` or None), as its weight and bias parts, without forming
-    ``[gw | gb]``: with ``A_inv = [[P, q], [q^T, r]]`` the weight part is
-    ``G_inv (gw P + gb q^T)`` and the bias part ``G_inv (gw q + r gb)``. The matrix products then
-    keep the layer's own sizes (often multiples of the SIMD width) instead of one more column."""
-    if gb is None:
-        return G_inv @ gw @ A_inv, None
-    d = gw.shape[1]
-    T = (gw @ A_inv[:d, :d]).addr_(gb, A_inv[:d, d])
-    t = torch.addcmul(gw @ A_inv[:d, d], gb, A_inv[d, d])  # r stays a tensor: no device sync
-    return G_inv @ T, G_inv @ t
-
-
-def kronecker_solve(
-    M: torch.Tensor,
-    eig_A: tuple[torch.Tensor, torch.Tensor],
-    eig_G: tuple[torch.Tensor, torch.Tensor],
-    damping: float,
-    factored: bool,
-) -> torch.Tensor:
-    """``(A ⊗ G + d I)^{-1}`` (or, ``factored``, the :func:`factored_inverses` product) applied to
-    matrices ``M`` ``[..., out, in]`` as ``G^-1 M A^-1``, given ``(eigenvalues, eigenvectors)``."""
-    if factored:
-        A_inv, G_inv = factored_inverses(eig_A, eig_G, damping)
-        return G_inv @ M @ A_inv
-    (la, Qa), (lg, Qg) = eig_A, eig_G
-    denom = lg[:, None] * la[None, :] + damping
-    return Qg @ ((Qg.T @ M @ Qa) / denom) @ Qa.T
 
 
 @dataclass
 class KroneckerBlock:
-    """One layer's factors. ``weight``/``bias`` index the operator's parameter list."""
+    """One layer's place in the operator: the module, the indices of its weight and bias in the
+    operator's parameter list, and its factor block (:class:`KroneckerFactors`)."""
 
     module_name: str
     module: nn.Module
     weight: int
     bias: int | None
-    A: torch.Tensor | None = None  # [in(+1), in(+1)]
-    G: torch.Tensor | None = None  # [out, out]
-    eigen: tuple | None = None  # (eigh(A), eigh(G)) of the current factors, computed on demand
+    block: KroneckerFactors = field(default_factory=lambda: KroneckerFactors({}))
+
+    @property
+    def A(self) -> torch.Tensor:
+        """``[in(+1), in(+1)]``"""
+        return self.block.A
+
+    @property
+    def G(self) -> torch.Tensor:
+        """``[out, out]``"""
+        return self.block.G
 
     def eigendecompositions(self) -> tuple:
         """``(eigh(A), eigh(G))``, kept until the factors are recomputed."""
-        if self.eigen is None:
-            self.eigen = (torch.linalg.eigh(self.A), torch.linalg.eigh(self.G))
-        return self.eigen
+        return self.block.eigendecompositions()
 
 
 @register_curvature("kfac")
@@ -418,9 +223,7 @@ class KFACOperator(CurvatureOperator):
             A, G = parts[2 * i], parts[2 * i + 1]
             # A is a mean over samples whatever the loss reduction; under "sum" the loop
             # adds per-batch sums, divided here by the summed sample count.
-            layer.A = A / count if self.reduction == "sum" else A
-            layer.G = G
-            layer.eigen = None
+            layer.block.set(A / count if self.reduction == "sum" else A, G)
 
     def _factor_pass(self) -> TensorList:
         """One pass over the data: ``[A_0, G_0, ..., diagonals..., missing flags [L], count]``."""
@@ -635,9 +438,9 @@ class KFACOperator(CurvatureOperator):
     def _matmat_list(self, V: TensorList) -> TensorList:
         out: list = [None] * len(V)
         for layer in self.factors():
-            self._scatter(layer, layer.G @ self._matrices(layer, V) @ layer.A, out)
+            self._scatter(layer, layer.block.multiply(self._matrices(layer, V))[0], out)
         for i, d in self.diagonal.items():
-            out[i] = d * V[i].to(d.dtype)
+            out[i] = DiagonalBlock(d).multiply(V[i])
         return [o.to(v.dtype) for o, v in zip(out, V)]
 
     def _solve_columns(
@@ -668,10 +471,10 @@ class KFACOperator(CurvatureOperator):
         parts = self.unflatten(Vm.T)
         out: list = [None] * len(parts)
         for layer in self.factors():
-            R = kronecker_solve(self._matrices(layer, parts), *layer.eigendecompositions(), damping, factored)
+            R, _ = layer.block.multiply(self._matrices(layer, parts), power=-1, damping=damping, factored=factored)
             self._scatter(layer, R, out)
         for i, d in self.diagonal.items():
-            out[i] = parts[i] / (d + damping)
+            out[i] = DiagonalBlock(d).multiply(parts[i], power=-1, damping=damping)
         result = self.flatten(out).T.to(self.dtype)
         return result.squeeze(1) if vector else result
 

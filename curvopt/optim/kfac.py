@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections import ChainMap
 from typing import Any
 
 import torch
@@ -24,18 +25,24 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim import Optimizer
 
-from curvopt.curvature.kfac import (
-    APPROXIMATIONS,
-    KRONECKER_DESCRIPTION,
-    factored_inverses_cholesky_many,
-    factored_product,
+from curvopt.curvature.kfac import APPROXIMATIONS
+from curvopt.curvature.kfac_factors import (
+    DiagonalBlock,
+    KroneckerFactors,
+    LayerStatistics,
+    StepStatistics,
+    damped_inverse_entries,
     input_factor,
-    kronecker_solve,
+    output_factor,
+    statistics_dtype,
+)
+from curvopt.curvature.kfac_layers import (
+    KRONECKER_DESCRIPTION,
+    batch_dim,
     kronecker_structured,
     layer_inputs,
     layer_output_vectors,
-    output_factor,
-    statistics_dtype,
+    layer_rows,
 )
 from curvopt.curvature.losses import loss_spec
 from curvopt.errors import OptionError
@@ -66,12 +73,6 @@ def _decayed(grad: torch.Tensor, p: torch.Tensor, wd: float) -> torch.Tensor:
     return grad + wd * p if wd else grad
 
 
-def _batch_dim(module: nn.Module) -> int:
-    """The batch dimension of a module's first input: 1 for recurrent layers and attention with
-    ``batch_first=False``, else 0."""
-    return 1 if getattr(module, "batch_first", True) is False else 0
-
-
 def _on_device(value: Any, device: torch.device) -> Any:
     """``value`` (a tensor or a tuple of them) moved to ``device``, in its own dtype."""
     if isinstance(value, torch.Tensor):
@@ -94,16 +95,6 @@ class _Application:
         self.key, self.module, self.group, self.bias = key, module, group, bias
         self.x, self.forward = x, forward
         self.taken: dict | None = None  # the statistics its input went into
-
-
-def _average_factors(state: dict, new: dict[str, tuple[torch.Tensor, float]], decay: float) -> None:
-    """Moving averages ``A <- decay A + (1 - decay) sum / divisor`` (and ``G``), in place: no
-    factor-sized temporaries. The first step's sums are not used again: they become the factors."""
-    for name, (total, divisor) in new.items():
-        if name in state:
-            state[name].mul_(decay).add_(total, alpha=(1 - decay) / divisor)
-        else:
-            state[name] = total.div_(divisor)
 
 
 class KFAC(Optimizer):
@@ -203,13 +194,12 @@ class KFAC(Optimizer):
                         kl_clip=kl_clip, factored_damping=factored_damping, kfac_approx=kfac_approx)
         super().__init__(params, defaults)
         self._layers: dict[int, nn.Module] = {}  # id(weight) -> layer owning it
-        self._pending: dict[int, dict[str, Any]] = {}  # id(weight) -> statistics since the last step
+        self._pending = StepStatistics()  # statistics since the last step
         # id(weight) -> (forward id, forward info, applications, their outputs) of the layer's latest
         # forward pass, the one mc_backward may need; older applications live only as long as their graphs
         self._latest: dict[int, tuple[int, dict, list[_Application], list[torch.Tensor]]] = {}
         self._forward = {"depth": 0, "id": 0}  # nesting of module calls; id of the outermost call
         self._warned_diagonal = False
-        self._diag_counts: dict[int, tuple[int, str]] = {}  # id(param) -> (samples, "Module.name")
         self._mc = {"step": False, "forward": False}  # mc_backward called / a recorded layer ran
         self._plans: dict[int, tuple] = {}  # id(group) -> (signature, plan), see _plan
         self.grad_scaler = grad_scaler
@@ -312,7 +302,7 @@ class KFAC(Optimizer):
             latest = self._latest[key] = (fid, {"n": x.shape[0], "rows": 0, "a_taken": None, "g_taken": None},
                                           [], [])
         forward = latest[1]
-        forward["rows"] += self._rows(module, x, group)
+        forward["rows"] += layer_rows(module, x, group["kfac_approx"])
         app = _Application(key, module, group, module.bias is not None and id(module.bias) in owned, x, forward)
         latest[2].append(app)
         latest[3].append(output)
@@ -325,44 +315,28 @@ class KFAC(Optimizer):
 
         output.register_hook(on_grad)
 
-    @staticmethod
-    def _rows(module: nn.Module, x: torch.Tensor, group: dict) -> int:
-        """Rows one application adds to ``A``: samples times positions (``expand``) or samples."""
-        if group["kfac_approx"] == "reduce":
-            return x.shape[0]
-        if isinstance(module, nn.Linear):
-            return x.numel() // max(x.shape[-1], 1)
-        return layer_inputs(module, x[:1]).shape[1] * x.shape[0]  # positions of one sample
-
-    def _statistics(self, key: int) -> dict:
-        stats = self._pending.get(key)
-        if stats is None:  # sums over the step's batches, normalized when the step takes them
-            stats = self._pending[key] = {"A": None, "a_count": 0, "G": None, "g_count": 0, "g_calls": 0,
-                                          "g_samples": 0}
-        return stats
-
     @torch.no_grad()
     def _take(self, app: _Application, grads: torch.Tensor | None) -> None:
         """Add an application's statistics once its output gradient arrived: ``A`` from its input
         (once per step), and ``G`` from ``grads`` ``[S, N, ...]`` unless None (mc_backward's step)."""
-        stats = self._statistics(app.key)
+        stats = self._pending.layer(app.key)
         forward = app.forward
         if app.taken is not stats:
             app.taken = stats
             # the forward pass's rows all weigh alike: A is the mean over the rows of every application
             a = layer_inputs(app.module, app.x)
             rows = a.shape[0] * (1 if app.group["kfac_approx"] == "reduce" else a.shape[1])
-            stats["A"] = input_factor(a, app.group["kfac_approx"], bias=app.bias,
-                                      alpha=forward["n"] * rows / max(forward["rows"], 1), out=stats["A"])
+            stats.A = input_factor(a, app.group["kfac_approx"], bias=app.bias,
+                                   alpha=forward["n"] * rows / max(forward["rows"], 1), out=stats.A)
             if forward["a_taken"] is not stats:  # the applications share the forward pass's samples
                 forward["a_taken"] = stats
-                stats["a_count"] += forward["n"]
+                stats.a_count += forward["n"]
         if grads is not None:
             self._add_G(stats, app, grads)
 
     @staticmethod
     @torch.no_grad()
-    def _add_G(stats: dict, app: _Application, grads: torch.Tensor) -> None:
+    def _add_G(stats: LayerStatistics, app: _Application, grads: torch.Tensor) -> None:
         """Add ``sum g g^T`` for gradients ``[S, N, ...]`` w.r.t. a layer output, with their
         counts. The step's ``G`` is ``N_total sum g g^T / S``: for gradients of a mean over all
         ``N_total`` samples of the step (``(1/N_total) d l_n / d s``, also when they arrive in
@@ -370,27 +344,26 @@ class KFAC(Optimizer):
         Fisher's output factor, averaged over the ``S`` draws. Applications of the layer in one
         forward pass share its samples: they count them once."""
         g = layer_output_vectors(app.module, grads)
-        stats["G"] = output_factor(g, app.group["kfac_approx"], out=stats["G"])
-        stats["g_count"] += grads.shape[0]
-        stats["g_calls"] += 1
+        stats.G = output_factor(g, app.group["kfac_approx"], out=stats.G)
+        stats.g_count += grads.shape[0]
+        stats.g_calls += 1
         if app.forward["g_taken"] is not stats:
             app.forward["g_taken"] = stats
-            stats["g_samples"] += app.forward["n"]
+            stats.g_samples += app.forward["n"]
 
     def _record_diagonal(self, module: nn.Module, inputs: tuple) -> None:
         """Count the samples seen by a module's own parameters (diagonal blocks): the batch
         dimension of its first tensor input."""
         owned = self._owned()
         x = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
-        dim = _batch_dim(module)
+        dim = batch_dim(module)
         n = x.shape[dim] if x is not None and x.dim() > dim else 1
         # attention applies out_proj's weight itself: out_proj's forward (and its hook) never runs
         params = (module.named_parameters() if isinstance(module, nn.MultiheadAttention)
                   else module._parameters.items())
         for name, p in params:
             if p is not None and id(p) in owned:
-                seen, _ = self._diag_counts.get(id(p), (0, ""))
-                self._diag_counts[id(p)] = (seen + n, f"{type(module).__name__}.{name}")
+                self._pending.count_samples(id(p), n, f"{type(module).__name__}.{name}")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, with the curvature statistics in their saved
@@ -425,7 +398,6 @@ class KFAC(Optimizer):
     def _clear(self) -> None:
         # the latest forward passes stay: mc_backward may follow a zero_grad() placed after the forward
         self._pending.clear()
-        self._diag_counts.clear()
         self._mc["step"] = self._mc["forward"] = False
 
     def mc_backward(self, outputs: torch.Tensor, loss_fn: Any, samples: int = 1,
@@ -550,12 +522,10 @@ class KFAC(Optimizer):
         (the factor is ``sum / divisor``; G's divisor folds in the loss scale ``stats_scale`` of a
         GradScaler); the caller checks that they are finite."""
         new = {}
-        for key, stats in self._pending.items():
-            if stats["G"] is None or stats["a_count"] == 0:
-                continue  # an mc_backward without the backward that takes the inputs
-            g_divisor = stats["g_count"] / stats["g_calls"] / stats["g_samples"]  # draws per call / samples
-            g_divisor *= stats_scale**2
-            new[key] = {"A": (stats["A"], float(stats["a_count"])), "G": (stats["G"], g_divisor)}
+        for key, stats in self._pending.layers.items():
+            sums = stats.factor_sums(stats_scale)
+            if sums is not None:
+                new[key] = sums
         return new
 
     def _plan(self, group: dict) -> tuple[list[tuple], list[torch.Tensor]]:
@@ -586,7 +556,7 @@ class KFAC(Optimizer):
         clip), with the state entries they change (inverses, diagonal blocks, step counts) held back
         until the step is known to be taken; the new factor statistics enter the factors here, after
         the caller checked them. None when the group has nothing to update."""
-        lr, damping, wd = group["lr"], group["damping"], group["weight_decay"]
+        lr, wd = group["lr"], group["weight_decay"]
         kl = group["kl_clip"] > 0 and lr > 0
         params: list[torch.Tensor] = []
         steps: list[torch.Tensor] = []  # preconditioned gradients, in the order of params
@@ -601,32 +571,14 @@ class KFAC(Optimizer):
             if p.grad is None:
                 continue
             if id(p) in new:
-                _average_factors(state, new[id(p)], group["factor_decay"])
+                KroneckerFactors(state).update(new[id(p)], group["factor_decay"])
             if "A" not in state:  # no statistics yet: plain gradient step for this layer
                 plain += [t for t in (p, layer[1]) if t is not None and t.grad is not None]
                 continue
             active.append(layer)
         inverses = self._inverses(group, active, new)
-        for (p, bias, state, bias_state, d_w), inverse in zip(active, inverses):
-            step = state.get("step", 0)
-            entries: dict = {"step": step + 1}
-            if inverse is not None:
-                entries.update(inverse)
-            dtype = state["A"].dtype  # float32 for half-precision layers: the update is computed in it
-            gw = _decayed(p.grad, p, wd).to(dtype)
-            gw = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
-            gb = None
-            if bias is not None:
-                gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd).to(dtype)
-            if group["factored_damping"]:
-                inv_A = entries.get("inv_A", state.get("inv_A"))
-                inv_G = entries.get("inv_G", state.get("inv_G"))
-                u_w, u_b = factored_product(inv_G, gw, gb, inv_A)
-            else:
-                M = gw if gb is None else torch.cat([gw, gb[:, None]], dim=1)
-                eig_A, eig_G = entries.get("eig_A", state.get("eig_A")), entries.get("eig_G", state.get("eig_G"))
-                R = kronecker_solve(M, eig_A, eig_G, damping, False)
-                u_w, u_b = (R, None) if gb is None else (R[:, :d_w], R[:, d_w])
+        for (p, bias, state, bias_state, _), entries, (gw, gb), (u_w, u_b) in zip(
+                active, *self._precondition(group, active, inverses)):
             params.append(p)
             steps.append(u_w.view_as(p).to(p.dtype))
             states.append(state)
@@ -655,6 +607,30 @@ class KFAC(Optimizer):
             vg = torch.stack(dots).to(torch.float64).sum()  # summed in float64: one cast, not one per dot
         return {"params": params, "steps": steps, "states": states, "commits": commits, "vg": vg}
 
+    @staticmethod
+    def _precondition(group: dict, layers: list[tuple], inverses: list[dict | None]) -> tuple[list, list, list]:
+        """Per layer: the state entries the step will commit (step count, refreshed inverses), the
+        gradients ``(gw [out, in], gb [out] or None)`` with weight decay, in the factors' dtype, and the
+        update ``(A ⊗ G + damping)^{-1} [gw | gb]`` as ``(u_w, u_b)``."""
+        damping, wd = group["damping"], group["weight_decay"]
+        all_entries, grads, updates = [], [], []
+        for (p, bias, state, _, _), inverse in zip(layers, inverses):
+            entries: dict = {"step": state.get("step", 0) + 1}
+            if inverse is not None:
+                entries.update(inverse)
+            dtype = state["A"].dtype  # float32 for half-precision layers: the update is computed in it
+            gw = _decayed(p.grad, p, wd).to(dtype)
+            gw = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
+            gb = None
+            if bias is not None:
+                gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd).to(dtype)
+            # the held-back entries over the state: the step's inverses, stored only once it is taken
+            block = KroneckerFactors(ChainMap(entries, state))
+            updates.append(block.multiply(gw, gb, power=-1, damping=damping, factored=group["factored_damping"]))
+            all_entries.append(entries)
+            grads.append((gw, gb))
+        return all_entries, grads, updates
+
     def _inverses(self, group: dict, layers: list[tuple], new: dict[int, dict]) -> list[dict | None]:
         """Per layer, the refreshed inverses (or eigendecompositions) as state entries, or None when the
         current ones stay. Every ``inverse_every`` steps, and during the first ``inverse_every`` steps at
@@ -676,17 +652,11 @@ class KFAC(Optimizer):
             return out
         if group["factored_damping"]:
             # explicit damped inverses by Cholesky: two matmuls per step
-            factors = [(layers[i][2]["A"], layers[i][2]["G"], damping) for i in todo]
-            pairs = factored_inverses_cholesky_many(factors)
-            for i, (inv_A, inv_G) in zip(todo, pairs):
-                out[i] = {"inv_A": inv_A, "inv_G": inv_G, "inv_damping": damping}
+            fresh = damped_inverse_entries([KroneckerFactors(layers[i][2]) for i in todo], damping)
         else:
-            for i in todo:
-                entries = {}
-                for name in ("A", "G"):
-                    lam, Q = torch.linalg.eigh(layers[i][2][name])
-                    entries[f"eig_{name}"] = (lam.clamp_min(0.0), Q)
-                out[i] = entries
+            fresh = [KroneckerFactors(layers[i][2]).clamped_eigendecompositions() for i in todo]
+        for i, entries in zip(todo, fresh):
+            out[i] = entries
         return out
 
     def _apply_group(self, group: dict, update: dict, vg: float | None) -> None:
@@ -723,12 +693,12 @@ class KFAC(Optimizer):
             return []
         if not self._warned_diagonal:
             self._warned_diagonal = True
-            names = ", ".join(f"{self._diag_counts.get(id(p), (0, 'parameter'))[1]} {tuple(p.shape)}"
+            names = ", ".join(f"{self._pending.diag_counts.get(id(p), (0, 'parameter'))[1]} {tuple(p.shape)}"
                               for p in params)
             warnings.warn(f"KFAC: {names} not in a Kronecker layer ({KRONECKER_DESCRIPTION}); they get a "
                           "diagonal block (moving average of N * grad**2)", stacklevel=6)
-        fallback = max([n for n, _ in self._diag_counts.values()]
-                       + [stats["a_count"] for stats in self._pending.values()] + [1])
+        fallback = max([n for n, _ in self._pending.diag_counts.values()]
+                       + [stats.a_count for stats in self._pending.layers.values()] + [1])
         wd, decay = group["weight_decay"], group["factor_decay"]
         out = []
         for p in params:
@@ -736,13 +706,12 @@ class KFAC(Optimizer):
             step = state.get("step", 0)
             grad = _decayed(p.grad, p, wd).to(statistics_dtype(p.dtype))  # float32 for half precision
             entries = {"step": step + 1}
-            diag = state.get("diag")
+            block = DiagonalBlock(state.get("diag"))
             if step % group["factor_every"] == 0:
-                n = self._diag_counts.get(id(p), (fallback, ""))[0]
-                D = p.grad.to(grad.dtype).square() * n
-                diag = entries["diag"] = D if diag is None else decay * diag + (1 - decay) * D
+                n = self._pending.diag_counts.get(id(p), (fallback, ""))[0]
+                entries["diag"] = block.update(p.grad.to(grad.dtype).square() * n, decay)
             commits.append((state, entries))
-            out.append((p, grad / (diag + group["damping"]), grad))
+            out.append((p, block.multiply(grad, power=-1, damping=group["damping"]), grad))
         return out
 
 
