@@ -27,8 +27,17 @@ from curvopt.curvature import (
     register_curvature,
 )
 from curvopt.optim import ARC, KFAC, NewtonMR, TrustRegion, batch_closure
+from curvopt.optim.registry import available_optimizers, make_optimizer
 from curvopt.quant import allocate_bits, fake_quantized
-from curvopt.schedule import FGSM, AdaptiveBatchSize, FixedBatchSize, IncreaseBatchSize
+from curvopt.registry import Registry
+from curvopt.schedule import (
+    FGSM,
+    AdaptiveBatchSize,
+    FixedBatchSize,
+    IncreaseBatchSize,
+    available_schedules,
+    make_schedule,
+)
 
 __version__ = "0.1.0"
 
@@ -47,10 +56,14 @@ __all__ = [
     "CurvatureOperator",
     "allocate_bits",
     "available_curvatures",
+    "available_optimizers",
+    "available_schedules",
     "curvature",
     "errors",
     "fake_quantized",
     "loss_landscape",
+    "make_optimizer",
+    "make_schedule",
     "quant",
     "random_direction",
     "sensitivity",
@@ -58,5 +71,6 @@ __all__ = [
     "top_eigenvalues",
     "trace",
     "register_curvature",
+    "Registry",
     "__version__",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
-from curvopt.curvature.registry import check_options, curvature_class, register_curvature
+from curvopt.curvature.registry import CURVATURES, register_curvature
 from curvopt.errors import OptionError
 
 
@@ -44,9 +44,8 @@ class BlockDiagonalOperator(CurvatureOperator):
         else:
             if base == self.name:
                 raise OptionError("block_diagonal cannot wrap itself; choose another base")
-            cls = curvature_class(base)
-            check_options(cls, options)  # names the base's valid options
-            self.base = cls(model, loss_fn, data, params=params, **options)
+            # names the base's valid options
+            self.base = CURVATURES.create(base, model, loss_fn, data, params=params, **options)
         own = {k: v for k, v in options.items() if k in ("reduction", "process_group", "progress")}
         super().__init__(
             self.base.model,

@@ -6,7 +6,6 @@ options are keyword arguments, so a TOML/dict config maps onto them one to one.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -14,20 +13,20 @@ import torch
 from torch import nn
 
 from curvopt.errors import OptionError, UnknownCurvatureError
+from curvopt.registry import Registry, accepted_keywords
 
 if TYPE_CHECKING:
     from curvopt.curvature.base import CurvatureOperator
 
-_REGISTRY: dict[str, type[CurvatureOperator]] = {}
+#: The curvature backends by name; an unknown name is an :class:`UnknownCurvatureError` listing the valid ones.
+CURVATURES: Registry[type[CurvatureOperator]] = Registry("curvature", error=UnknownCurvatureError, sort=True)
 
 
 def register_curvature(name: str) -> Callable[[type], type]:
     """Class decorator adding a :class:`CurvatureOperator` subclass under ``name``."""
 
     def add(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"a curvature backend named {name!r} is already registered")
-        _REGISTRY[name] = cls
+        CURVATURES.register(name, cls)
         cls.name = name
         return cls
 
@@ -36,7 +35,7 @@ def register_curvature(name: str) -> Callable[[type], type]:
 
 def available_curvatures() -> list[str]:
     """Names accepted by :func:`curvature`, sorted."""
-    return sorted(_REGISTRY)
+    return CURVATURES.names()
 
 
 def curvature_class(name: str) -> type[CurvatureOperator]:
@@ -45,29 +44,20 @@ def curvature_class(name: str) -> type[CurvatureOperator]:
     Raises:
         UnknownCurvatureError: listing the valid names.
     """
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise UnknownCurvatureError(
-            f"unknown curvature {name!r}; valid names: {', '.join(available_curvatures())}"
-        )
-    return _REGISTRY[name]
+    return CURVATURES.get(name)
 
 
 def accepted_options(cls: type) -> set[str]:
     """Keyword options a backend class accepts (its own and the base class's)."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.kind is inspect.Parameter.KEYWORD_ONLY:
-                names.add(p.name)
-    return names
+    return set(accepted_keywords(cls))
 
 
 def check_options(cls: type, options: dict[str, Any]) -> None:
     """Reject options ``cls`` does not take, listing the valid ones."""
-    valid = accepted_options(cls)
+    if CURVATURES.entry(cls.name).factory is cls:
+        CURVATURES.check_options(cls.name, options)
+        return
+    valid = accepted_options(cls)  # a subclass registered under no name of its own
     unknown = sorted(set(options) - valid)
     if unknown:
         raise OptionError(
@@ -104,7 +94,7 @@ def curvature(
         >>> op = curvopt.curvature("ggn", model, torch.nn.CrossEntropyLoss(), (X, y))
         >>> Gv = op @ v
     """
-    cls = curvature_class(name)
+    cls = CURVATURES.get(name)
     if not getattr(cls, "forwards_options", False):  # wrappers check against their base
-        check_options(cls, options)
+        CURVATURES.check_options(name, options)
     return cls(model, loss_fn, data, params=params, **options)

@@ -16,11 +16,12 @@ import torch
 
 from curvopt.errors import OptionError, QuantizationError
 from curvopt.quant.plan import check_bits
+from curvopt.registry import Registry
 
 #: Clipping rules of :class:`Quantizer`.
 CLIPPINGS = ("mse", "minmax", "percentile")
-#: Names accepted by :func:`make_quantizer` (``[quantize] quantizer = ...`` in a config).
-QUANTIZER_NAMES = ("symmetric", "asymmetric")
+#: Keyword options of :func:`make_quantizer` (those of :class:`Quantizer` but ``symmetric``, set by the name).
+QUANTIZER_OPTIONS = ("group_size", "clipping", "percentile", "grid")
 #: Elements per chunk of the clip-ratio search: bounds its memory whatever the weight's size.
 _SEARCH_CHUNK = 2**22
 
@@ -211,11 +212,19 @@ def make_quantizer(name: str, **options: Any) -> Quantizer:
         OptionError: for an unknown name or option, listing the valid ones.
         QuantizationError: for an option value out of range.
     """
-    if name not in QUANTIZER_NAMES:
-        raise OptionError(f"unknown quantizer {name!r}; valid names: {', '.join(QUANTIZER_NAMES)}")
-    valid = ("group_size", "clipping", "percentile", "grid")
+    factory = QUANTIZERS.get(name)
+    valid = QUANTIZERS.options(name)
     unknown = [k for k in options if k not in valid]
     if unknown:
         raise OptionError(f"make_quantizer({name!r}): unknown option {', '.join(map(repr, unknown))}; "
                           f"valid options: {', '.join(valid)}")
-    return Quantizer(symmetric=name == "symmetric", **options)
+    return factory(**options)
+
+
+#: The quantizer families by name (``[quantizer] name = ...`` in a config).
+QUANTIZERS: Registry[Any] = Registry("quantizer")
+QUANTIZERS.register("symmetric", lambda **options: Quantizer(symmetric=True, **options), options=QUANTIZER_OPTIONS)
+QUANTIZERS.register("asymmetric", lambda **options: Quantizer(symmetric=False, **options),
+                    options=QUANTIZER_OPTIONS)
+#: Names accepted by :func:`make_quantizer`.
+QUANTIZER_NAMES = tuple(QUANTIZERS.names())

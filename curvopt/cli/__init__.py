@@ -33,12 +33,10 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import inspect
 import json
 import math
 import sys
 import time
-import tomllib
 import warnings
 from fractions import Fraction
 from pathlib import Path
@@ -47,174 +45,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt.cli.config import (
+    ALLOCATION_METHODS,
+    ARCHS,
+    DATASETS,
+    DEFAULT_AVERAGE_BITS,
+    DEFAULTS,
+    FIXED_ALIASES,
+    LOSSES,
+    QUANTIZE_DEFAULTS,
+    SCHEDULE_RESERVED,
+    TRAIN_DEFAULTS,
+    AnalyzeConfig,
+    QuantizeConfig,
+    TrainConfig,
+    check_optimizer_options,
+    load_config,
+    schedule_option_names,
+)
+from curvopt.cli.config import make_quantizer as _make_quantizer
+from curvopt.cli.config import sensitivity_curvature as _sensitivity_curvature
 from curvopt.errors import ConfigError, CurvoptError
-from curvopt.linalg.trace import METHODS as TRACE_METHODS
-from curvopt.optim import ARC, KFAC, NewtonMR, TrustRegion, batch_closure
+from curvopt.optim import batch_closure
+from curvopt.optim.registry import OPTIMIZERS, takes_closure
 from curvopt.optim.second_order import SecondOrderOptimizer
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"arch": "cnn1d", "checkpoint": "", "train_epochs": 10, "lr": 3e-3, "seed": 0},
-    "data": {"dataset": "mnist1d", "samples": 2000, "batch_size": 500},
-    "loss": {"name": "cross_entropy"},
-    "curvature": {"backend": "hessian", "options": {}},
-    "estimators": {
-        "top_k": 5,
-        "tol": 1e-3,
-        "trace_probes": 60,
-        "trace_method": "hutchpp",
-        "density_probes": 2,
-        "density_steps": 40,
-        "sensitivity_bits": 4,
-        "landscape_steps": 21,
-        "landscape_radius": 1.0,
-        "seed": 0,
-    },
-    "output": {"dir": "runs/analyze", "plots": True, "progress": True},
-}
-TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"arch": "cnn1d", "seed": 0},
-    "data": {"dataset": "mnist1d", "batch_size": 128},
-    "optimizer": {"name": "kfac", "lr": 0.0, "options": {}},
-    "train": {"epochs": 10},
-    "schedule": {"name": "none", "batch_size": 0, "max_batch_size": 0, "options": {}},
-    "output": {"dir": "runs/train", "progress": True},
-}
-#: ``curvopt quantize``: a CNN with 4 convolutions (5 quantizable layers, about 80% test accuracy on mnist1d)
-#: that trains, is analysed and is quantized in well under a minute on two CPU cores.
-QUANTIZE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"arch": "cnn1d", "conv_layers": 4, "hidden": [128, 128, 128, 128], "checkpoint": "",
-              "train_epochs": 8, "lr": 3e-3, "seed": 0},
-    "data": {"dataset": "mnist1d", "batch_size": 500},
-    "loss": {"name": "cross_entropy"},
-    "sensitivity": {"curvature": "", "score": "hawq_v2", "probes": 32, "method": "hutchpp",
-                    "samples": 500, "seed": 0, "options": {}},
-    "quantizer": {"name": "symmetric", "activation_bits": 0, "options": {}},
-    "allocation": {"bits": [2, 3, 4, 8], "average_bits": [], "size_bytes": [], "method": "ilp", "fixed": {},
-                   "random": 20},
-    "finetune": {"epochs": 0, "lr": 1e-3, "batch_size": 128},
-    "output": {"dir": "runs/quantize", "plots": True, "progress": True},
-}
-#: The budget when ``[allocation]`` gives neither ``average_bits`` nor ``size_bytes``.
-DEFAULT_AVERAGE_BITS = 3.0
-ALLOCATION_METHODS = ("ilp", "pareto")
-#: ``[allocation] fixed`` names that stand for the first and the last quantizable module.
-FIXED_ALIASES = ("first", "last")
-ARCHS = ("cnn1d", "mlp", "transformer", "lstm")
-DATASETS = ("mnist1d", "digits")
-LOSSES = {"cross_entropy": nn.CrossEntropyLoss}
-#: ``lr`` when the config leaves it at 0: a sensible start per optimizer (1 = the full
-#: Newton / trust-region / cubic step).
-DEFAULT_LR = {"kfac": 0.03, "adam": 1e-3, "sgd": 0.05, "newton_mr": 1.0, "trust_region": 1.0, "arc": 1.0}
-OPTIMIZERS = {"kfac": KFAC, "adam": torch.optim.Adam, "sgd": torch.optim.SGD, "newton_mr": NewtonMR,
-              "trust_region": TrustRegion, "arc": ARC}
-
-
-#: Numeric values and their valid range: ``(section, key): (lowest, lowest allowed?)``; every
-#: number must also be finite. Checked when the config is loaded, before any computation.
-RANGES: dict[tuple[str, str], tuple[float, bool]] = {
-    ("model", "train_epochs"): (0, True),
-    ("model", "lr"): (0, False),
-    ("model", "seed"): (0, True),
-    ("data", "samples"): (1, True),
-    ("data", "batch_size"): (1, True),
-    ("estimators", "top_k"): (1, True),
-    ("estimators", "tol"): (0, False),
-    ("estimators", "trace_probes"): (1, True),
-    ("estimators", "density_probes"): (1, True),
-    ("estimators", "density_steps"): (2, True),
-    ("estimators", "sensitivity_bits"): (2, True),
-    ("estimators", "landscape_steps"): (2, True),  # one point is no landscape: refused
-    ("estimators", "landscape_radius"): (0, False),
-    ("estimators", "seed"): (0, True),
-    ("optimizer", "lr"): (0, True),  # 0: the optimizer's default (DEFAULT_LR)
-    ("train", "epochs"): (1, True),
-    ("schedule", "batch_size"): (0, True),  # 0: [data] batch_size
-    ("schedule", "max_batch_size"): (0, True),  # 0: batch_size (required by fb, gg, abs, absa)
-    ("model", "conv_layers"): (1, True),
-    ("sensitivity", "probes"): (1, True),
-    ("sensitivity", "samples"): (1, True),
-    ("sensitivity", "seed"): (0, True),
-    ("quantizer", "activation_bits"): (0, True),  # 0: weights only
-    ("allocation", "random"): (0, True),
-    ("finetune", "epochs"): (0, True),  # 0: no fine-tuning
-    ("finetune", "lr"): (0, False),
-    ("finetune", "batch_size"): (1, True),
-}
-#: ``[schedule] options`` the command sets itself.
-SCHEDULE_RESERVED = ("epochs",)
-
-
-def load_config(path: str | None, defaults: dict[str, dict[str, Any]] = DEFAULTS) -> dict[str, dict[str, Any]]:
-    """``defaults``, overridden by the TOML file at ``path``; unknown keys are errors."""
-    config = copy.deepcopy(defaults)
-    if path is None:
-        return config
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        user = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from e
-    for section, values in user.items():
-        if section not in config:
-            raise ConfigError(f"unknown section [{section}] in {path}; valid: {', '.join(config)}")
-        if not isinstance(values, dict):
-            raise ConfigError(f"[{section}] in {path} must be a table")
-        for key, value in values.items():
-            if key not in config[section]:
-                raise ConfigError(
-                    f"unknown key '{key}' in [{section}] of {path}; valid: {', '.join(config[section])}"
-                )
-            expected = type(defaults[section][key])
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if expected is list and isinstance(value, (int, float)) and not isinstance(value, bool):
-                value = [value]  # one budget: average_bits = 3.0 means [3.0]
-            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-                raise ConfigError(
-                    f"[{section}] {key} = {value!r} should be a {expected.__name__} in {path}"
-                )
-            config[section][key] = value
-    _check_choices(config)
-    _check_ranges(config, path)
-    if "allocation" in config:
-        _check_quantize(config, path)
-    reserved = sorted({"params", "progress"} & set(config.get("curvature", {}).get("options", {})))
-    if reserved:
-        raise ConfigError(f"[curvature] options in {path} may not set {', '.join(reserved)}: the command sets "
-                          "them (all parameters; progress from [output] progress)")
-    return config
-
-
-def _check_ranges(config: dict[str, dict[str, Any]], path: str) -> None:
-    """Every number within its range (:data:`RANGES`), so that no run fails after its computation."""
-    for (section, key), (low, inclusive) in RANGES.items():
-        if key not in config.get(section, {}):  # train configs have fewer keys
-            continue
-        value = config[section][key]
-        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
-        if not ok:
-            bound = f">= {low}" if inclusive else f"> {low}"
-            raise ConfigError(f"[{section}] {key} = {value!r} in {path}; it must be a finite number {bound}")
-
-
-def _check_choices(config: dict[str, dict[str, Any]]) -> None:
-    from curvopt.curvature import available_curvatures
-    from curvopt.schedule.registry import available_schedules
-
-    choices = [("model", "arch", ARCHS), ("data", "dataset", DATASETS), ("loss", "name", tuple(LOSSES)),
-               ("curvature", "backend", tuple(available_curvatures())), ("optimizer", "name", tuple(OPTIMIZERS)),
-               ("estimators", "trace_method", TRACE_METHODS), ("schedule", "name", available_schedules())]
-    if "sensitivity" in config:  # quantize configs; the registries are imported only for them
-        from curvopt.quant.quantizer import QUANTIZER_NAMES
-        from curvopt.quant.scores import SCORE_NAMES
-
-        choices += [("sensitivity", "score", tuple(SCORE_NAMES)), ("sensitivity", "method", TRACE_METHODS),
-                    ("quantizer", "name", tuple(QUANTIZER_NAMES)), ("allocation", "method", ALLOCATION_METHODS)]
-    for section, key, valid in choices:
-        if section in config and config[section][key] not in valid:
-            raise ConfigError(f"[{section}] {key} = {config[section][key]!r}; valid: {', '.join(valid)}")
 
 
 def _dataset(config):
@@ -301,7 +155,7 @@ def _train(model, data, loss_fn, config, progress: bool) -> None:
     model.eval()
 
 
-def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[str, Any]:
+def analyze(config: AnalyzeConfig, out: Path | None = None) -> dict[str, Any]:
     """Run the analysis described by ``config``; returns what it printed, as data."""
     import curvopt
     from curvopt.curvature import curvature
@@ -382,99 +236,7 @@ def analyze(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[
     return result
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_quantize(config: dict[str, dict[str, Any]], path: str) -> None:
-    """The ``quantize`` values that are not plain numbers (lists of bit widths and budgets, fixed layers, the
-    quantizer and its options, the sensitivity options), checked before the data is built. What needs the
-    model (fixed module names, size budgets, budgets with fixed layers) is checked by :func:`_budgets`."""
-    from curvopt.quant.plan import MAX_BITS, MIN_BITS
-
-    hidden = config["model"]["hidden"]
-    if not hidden or not all(_is_int(h) and h >= 1 for h in hidden):
-        raise ConfigError(f"[model] hidden = {hidden!r} in {path}; it must be a non-empty list of positive "
-                          f"integers (the MLP's hidden widths, e.g. [128, 128])")
-    a = config["allocation"]
-    width = f"an integer in [{MIN_BITS}, {MAX_BITS}]"
-    bits = a["bits"]
-    if not bits or not all(_is_int(b) and MIN_BITS <= b <= MAX_BITS for b in bits):
-        raise ConfigError(f"[allocation] bits = {bits!r} in {path}; each must be {width}, "
-                          f"e.g. bits = [2, 3, 4, 8]")
-    if len(set(bits)) != len(bits):
-        raise ConfigError(f"[allocation] bits = {bits!r} in {path} lists a width twice; list each once")
-    for key in ("average_bits", "size_bytes"):
-        bad = [v for v in a[key] if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v) or v <= 0]
-        if bad:
-            raise ConfigError(f"[allocation] {key} = {a[key]!r} in {path}; each budget must be a finite "
-                              f"number > 0")
-    if a["average_bits"] and a["size_bytes"]:
-        raise ConfigError(f"[allocation] gives both average_bits and size_bytes in {path}; a budget is one or the "
-                          f"other: drop one of them")
-    low = min(bits)
-    small = [v for v in a["average_bits"] if v < low]
-    if small:
-        raise ConfigError(f"[allocation] average_bits = {small[0]!r} in {path} is below the smallest model, "
-                          f"every module at min(bits) = {low} bits: raise it to >= {low} or add a narrower "
-                          f"width to bits")
-    a["average_bits"] = [float(v) for v in a["average_bits"]]
-    for name, b in a["fixed"].items():
-        if not _is_int(b) or not MIN_BITS <= b <= MAX_BITS:
-            raise ConfigError(f"[allocation] fixed = {{ {name} = {b!r} }} in {path}; the bits must be {width}")
-    _sensitivity_curvature(config)
-    act = config["quantizer"]["activation_bits"]
-    if act and not MIN_BITS <= act <= MAX_BITS:
-        raise ConfigError(f"[quantizer] activation_bits = {act} in {path}; 0 (weights only) or {width}")
-    _make_quantizer(config)  # its options, on no data
-    reserved = sorted(set(config["sensitivity"]["options"]) & _sensitivity_keywords())
-    if reserved:
-        raise ConfigError(f"[sensitivity] options in {path} may not set {', '.join(reserved)}: the command sets "
-                          f"them (from [sensitivity], [quantizer], [allocation] bits and [output] progress)")
-
-
-def _sensitivity_curvature(config: dict[str, dict[str, Any]]) -> str:
-    """The curvature backend of ``[sensitivity]``: ``curvature``, or when empty the score's own (the Fisher
-    for ``"fisher"``, else the Hessian).
-
-    Raises:
-        ConfigError: an unknown backend, or ``"fisher"`` on one that is no Fisher.
-    """
-    from curvopt.curvature import available_curvatures
-    from curvopt.quant.scores import FISHER_CURVATURES
-
-    score, name = config["sensitivity"]["score"], config["sensitivity"]["curvature"]
-    valid = tuple(available_curvatures())
-    if name and name not in valid:
-        raise ConfigError(f"[sensitivity] curvature = {name!r}; valid: {', '.join(valid)} (or \"\": the score's "
-                          f"own)")
-    if score == "fisher" and name and name not in FISHER_CURVATURES:
-        raise ConfigError(f"[sensitivity] score = 'fisher' needs curvature = one of "
-                          f"{', '.join(FISHER_CURVATURES)} (or \"\"), got {name!r}; or use score = 'hawq_v2'")
-    return name or ("fisher" if score == "fisher" else "hessian")
-
-
-def _sensitivity_keywords() -> set[str]:
-    """The keywords of :func:`curvopt.sensitivity` that the command sets (the rest are backend options)."""
-    import curvopt
-
-    names = set(inspect.signature(curvopt.sensitivity).parameters) - {"model", "loader", "loss_fn", "options"}
-    return names | {"params"}
-
-
-def _make_quantizer(config: dict[str, dict[str, Any]]) -> Any:
-    """The ``[quantizer]`` of ``config``; bad options are a :class:`ConfigError` naming them."""
-    from curvopt.quant.quantizer import make_quantizer
-
-    name, options = config["quantizer"]["name"], config["quantizer"]["options"]
-    try:
-        return make_quantizer(name, **options)
-    except (CurvoptError, TypeError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"[quantizer] {name} with options = {options!r}: {first}") from e
-
-
-def _fixed_bits(config: dict[str, dict[str, Any]], names: list[str]) -> dict[str, int]:
+def _fixed_bits(config: Any, names: list[str]) -> dict[str, int]:
     """``[allocation] fixed`` with ``first``/``last`` replaced by the first/last of the quantizable ``names``.
 
     Raises:
@@ -496,7 +258,7 @@ def _fixed_bits(config: dict[str, dict[str, Any]], names: list[str]) -> dict[str
     return fixed
 
 
-def _budgets(config: dict[str, dict[str, Any]], model: nn.Module, fixed: dict[str, int]) -> list[dict[str, Any]]:
+def _budgets(config: Any, model: nn.Module, fixed: dict[str, int]) -> list[dict[str, Any]]:
     """Each ``[allocation]`` budget: its label, the :func:`~curvopt.quant.allocate_bits` keyword that sets it,
     the uniform width of exactly that size (``None`` if no uniform plan has it) and its size in bits.
 
@@ -554,7 +316,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict[str, Any]:
+def quantize(config: QuantizeConfig, out: Path | None = None) -> dict[str, Any]:
     """Sensitivity, bit allocation and quantized evaluation described by ``config`` (``curvopt quantize``).
 
     Prints the table (FP32, uniform b-bit, then per budget the mixed-precision plan, random plans of the same
@@ -682,7 +444,8 @@ def quantize(config: dict[str, dict[str, Any]], out: Path | None = None) -> dict
               "score": s["score"], "curvature": backend, "calibration_samples": n, "fixed": fixed,
               "sensitivity": report.to_dict(), "score_table": _plain_table(table),
               "measured_table": _plain_table(measured_table), "fp32": fp32, "uniform": uniform_rows,
-              "budgets": results, "pareto": frontier, "finetune_epochs": ft["epochs"], "config": config}
+              "budgets": results, "pareto": frontier, "finetune_epochs": ft["epochs"],
+              "config": config.to_dict() if hasattr(config, "to_dict") else config}
     print(_quantize_table(result))
     out.mkdir(parents=True, exist_ok=True)
     if outcfg["plots"]:
@@ -790,30 +553,25 @@ def _plot_pareto(result: dict[str, Any], path: Path) -> Path:
     return _save(plt, fig, right, "test accuracy against size", path)
 
 
-def _optimizer(config: dict[str, dict[str, Any]], model: nn.Module) -> torch.optim.Optimizer:
-    name, lr = config["optimizer"]["name"], config["optimizer"]["lr"] or DEFAULT_LR[config["optimizer"]["name"]]
+def _optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
+    """The ``[optimizer]`` of ``config`` over ``model``'s parameters (lr 0: the registry's default)."""
+    name = config["optimizer"]["name"]
     options = dict(config["optimizer"]["options"])
-    factory = OPTIMIZERS[name]
-    accepted = list(inspect.signature(factory.__init__).parameters)
-    valid = [p for p in accepted if p not in ("self", "params", "lr")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"[optimizer] options for {name!r} has unknown key(s) {', '.join(map(repr, unknown))}; "
-                          f"valid: {', '.join(valid)}")
-    options["lr"] = lr
-    if issubclass(factory, SecondOrderOptimizer):
+    check_optimizer_options(name, options)
+    options["lr"] = config["optimizer"]["lr"] or OPTIMIZERS.info(name, "default_lr")
+    if takes_closure(name):
         # the command always has the model and the batch, so the Newton-type optimizers get the GGN (positive
         # semi-definite) unless told otherwise: with the classes' default Hessian, all three diverged on the
         # default cnn1d (mnist1d, batch 128: train loss 2.3 -> 2.8-6.5 in 3 epochs, test accuracy 0.19-0.26)
         # where the GGN trains (0.78-0.89)
         options.setdefault("curvature", "ggn")
     try:
-        return factory(model.parameters(), **options)
+        return OPTIMIZERS.get(name)(model.parameters(), **options)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"[optimizer] {name}: {e}") from e
 
 
-def _schedule_sizes(config: dict[str, dict[str, Any]]) -> tuple[int, int | None]:
+def _schedule_sizes(config: Any) -> tuple[int, int | None]:
     """``(batch_size, max_batch_size)`` of ``[schedule]``: 0 means ``[data] batch_size`` and "not given"."""
     s = config["schedule"]
     return s["batch_size"] or config["data"]["batch_size"], s["max_batch_size"] or None
@@ -822,20 +580,10 @@ def _schedule_sizes(config: dict[str, dict[str, Any]]) -> tuple[int, int | None]
 def _schedule_option_names(name: str) -> list[str]:
     """The ``[schedule] options`` keys schedule ``name`` accepts (its class's keyword arguments, less
     those the command sets)."""
-    from curvopt.schedule import AdaptiveBatchSize, FixedBatchSize, IncreaseBatchSize
-    from curvopt.schedule.base import BatchSizeSchedule
-
-    classes = {"fb": FixedBatchSize, "gg": IncreaseBatchSize, "abs": AdaptiveBatchSize, "absa": AdaptiveBatchSize}
-    cls = classes[name]
-    # set by the command from batch_size/max_batch_size (fb: base_batch_size = batch_size), or by eps/fraction
-    taken = {"self", "optimizer", "model", "loss_fn", "dataset", "batch_size", "max_batch_size", "kwargs",
-             "base_batch_size", "adversarial", *SCHEDULE_RESERVED}
-    names = [p for c in (cls, BatchSizeSchedule) for p in inspect.signature(c.__init__).parameters]
-    names += ["eps", "fraction"] if name == "absa" else []
-    return [n for n in dict.fromkeys(names) if n not in taken]
+    return schedule_option_names(name)
 
 
-def _make_schedule(config: dict[str, dict[str, Any]], optimizer: torch.optim.Optimizer, model: nn.Module,
+def _make_schedule(config: Any, optimizer: torch.optim.Optimizer, model: nn.Module,
                    loss_fn: Any, dataset: Any) -> Any:
     """The ``[schedule]`` of ``config`` over ``dataset`` (``epochs`` from ``[train]``, ``seed`` from ``[model]``
     unless the options set it)."""
@@ -849,7 +597,7 @@ def _make_schedule(config: dict[str, dict[str, Any]], optimizer: torch.optim.Opt
                          max_batch_size=max_batch_size, **options)
 
 
-def _check_schedule(config: dict[str, dict[str, Any]]) -> None:
+def _check_schedule(config: Any) -> None:
     """Every ``[schedule]`` value, before the data is built: the sizes, the option names, and the option
     values, by building the schedule once on a stand-in (a 1-feature linear model and ``max_batch_size``
     zero samples, no computation).
@@ -870,7 +618,7 @@ def _check_schedule(config: dict[str, dict[str, Any]]) -> None:
                               f"batch_size = {batch_size}: drop max_batch_size or {others}")
         return
     opt_name = config["optimizer"]["name"]
-    if issubclass(OPTIMIZERS[opt_name], SecondOrderOptimizer):
+    if takes_closure(opt_name):
         raise ConfigError(f"[schedule] name = {name!r} needs a gradient optimizer (kfac, adam, sgd): {opt_name} "
                           f"takes step(closure) and its lr is a step length, not scaled with the batch; "
                           f"use name = 'none' or another [optimizer] name")
@@ -929,7 +677,7 @@ def _cell(value: Any) -> str:
     return f"{value:>10.4g}" if isinstance(value, (int, float)) else f"{value:>10}"
 
 
-def train(config: dict[str, dict[str, Any]], out: Path | None = None) -> list[dict[str, Any]]:
+def train(config: TrainConfig, out: Path | None = None) -> list[dict[str, Any]]:
     """Train with the configured optimizer (and ``[schedule]``); print and write per-epoch metrics, save the
     weights. Returns the rows of ``metrics.csv``."""
     from tqdm.auto import tqdm
@@ -1039,5 +787,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = [
+    "ALLOCATION_METHODS",
+    "ARCHS",
+    "AnalyzeConfig",
+    "DATASETS",
+    "DEFAULTS",
+    "LOSSES",
+    "QUANTIZE_DEFAULTS",
+    "QuantizeConfig",
+    "TRAIN_DEFAULTS",
+    "TrainConfig",
+    "analyze",
+    "load_config",
+    "main",
+    "quantize",
+    "train",
+]
