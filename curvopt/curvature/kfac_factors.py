@@ -14,10 +14,12 @@ gradients ``g`` of a mean loss over ``N`` samples.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import torch
+
+from curvopt import distributed
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -83,7 +85,7 @@ class LayerStatistics:
     forward passes' samples count alike) over ``a_count`` samples, and ``G`` (``sum g g^T``) over
     ``g_count`` draws in ``g_calls`` backward calls of ``g_samples`` samples."""
 
-    __slots__ = ("A", "a_count", "G", "g_count", "g_calls", "g_samples")
+    __slots__ = ("A", "a_count", "G", "g_count", "g_calls", "g_samples", "reduced")
 
     def __init__(self) -> None:
         self.A: torch.Tensor | None = None
@@ -92,6 +94,15 @@ class LayerStatistics:
         self.g_count = 0
         self.g_calls = 0
         self.g_samples = 0
+        # after StepStatistics.reduce: G is the sum over ranks of each rank's G times its samples
+        self.reduced = False
+
+    def weighted_G(self) -> torch.Tensor:
+        """This rank's output factor times its samples, ``g_samples^2 sum g g^T / draws``: summed over
+        ranks and divided by all ranks' samples it is the factor of the union of their batches, each
+        rank's gradients being those of its own mean loss."""
+        draws = self.g_count / self.g_calls
+        return self.G * (self.g_samples**2 / draws)
 
     def factor_sums(self, stats_scale: float = 1.0) -> dict[str, tuple[torch.Tensor, float]] | None:
         """``{"A": (sum, divisor), "G": (sum, divisor)}``: the step's factors are ``sum / divisor``; G's
@@ -99,8 +110,11 @@ class LayerStatistics:
         complete statistics (an ``mc_backward`` without the backward that takes the inputs)."""
         if self.G is None or self.a_count == 0:
             return None
-        g_divisor = self.g_count / self.g_calls / self.g_samples  # draws per call / samples
-        g_divisor *= stats_scale**2
+        if self.reduced:
+            g_divisor = self.g_samples * stats_scale**2
+        else:
+            g_divisor = self.g_count / self.g_calls / self.g_samples  # draws per call / samples
+            g_divisor *= stats_scale**2
         return {"A": (self.A, float(self.a_count)), "G": (self.G, g_divisor)}
 
 
@@ -126,6 +140,41 @@ class StepStatistics:
 
     def __bool__(self) -> bool:
         return bool(self.layers)
+
+    def reduce(self, layers: Sequence[tuple[int, int, int]], diagonal: Sequence[int], like: torch.Tensor,
+               group: Any = None) -> int:
+        """Sum the statistics over the ranks of ``group``, in one bucketed all-reduce; a no-op without one.
+
+        ``layers`` lists ``(key, dim A, dim G)`` and ``diagonal`` the diagonal-block keys, in the same
+        order on every rank (parameter order, not ``id``s, which differ between processes); a layer this
+        rank has no statistics for takes part with zeros. Afterwards ``A`` and the counts are sums over
+        ranks and ``G`` the sample-weighted sum of the ranks' factors (:meth:`LayerStatistics.weighted_G`),
+        so the factors are those of the union of all ranks' samples. ``like``: a tensor of the
+        statistics' dtype and device. Returns the bytes this rank put into the collective."""
+        if not distributed.active(group):
+            return 0
+        parts: list[torch.Tensor] = []
+        counts: list[float] = []
+        for key, dim_a, dim_g in layers:
+            stats = self.layers.get(key)
+            complete = stats is not None and stats.G is not None and stats.a_count > 0
+            parts.append(stats.A if complete else like.new_zeros(dim_a, dim_a))
+            parts.append(stats.weighted_G().to(like.dtype) if complete else like.new_zeros(dim_g, dim_g))
+            counts += [stats.a_count, stats.g_samples] if complete else [0, 0]
+        counts += [self.diag_counts.get(key, (0, ""))[0] for key in diagonal]
+        parts.append(torch.tensor(counts, dtype=like.dtype, device=like.device))
+        summed = distributed.sum_across(parts, group)
+        totals = summed[-1].tolist()
+        for i, (key, _, _) in enumerate(layers):
+            stats = self.layer(key)
+            stats.A, stats.G = summed[2 * i], summed[2 * i + 1]
+            stats.a_count, stats.g_samples = int(totals[2 * i]), int(totals[2 * i + 1])
+            stats.g_count = stats.g_calls = 1
+            stats.reduced = True
+        for j, key in enumerate(diagonal):
+            _, name = self.diag_counts.get(key, (0, ""))
+            self.diag_counts[key] = (int(totals[2 * len(layers) + j]), name)
+        return sum(t.numel() for t in parts) * like.element_size()
 
     def clear(self) -> None:
         self.layers.clear()

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.optim import Optimizer
 
+from curvopt import distributed
 from curvopt.curvature.kfac import APPROXIMATIONS
 from curvopt.curvature.kfac_factors import (
     DiagonalBlock,
@@ -46,6 +47,7 @@ from curvopt.curvature.kfac_layers import (
 )
 from curvopt.curvature.losses import loss_spec
 from curvopt.errors import OptionError
+from curvopt.optim.kfac_distribute import DISTRIBUTE_MODES, CommunicationLog, assign_owners
 
 #: State entries that hold curvature statistics: kept in float32 for half-precision parameters,
 #: also through ``load_state_dict`` (which casts floating state to the parameter's dtype).
@@ -127,6 +129,21 @@ class KFAC(Optimizer):
         grad_scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop, whose scale the
             recorded output gradients carry; ``G`` is unscaled with it. (Call
             ``scaler.step(optimizer)`` as usual; a skipped step leaves everything unchanged.)
+        distribute: Under an initialized process group (DDP), who inverts the factors (KAISA,
+            Pauloski et al., 2021): ``"replicate"`` every rank; ``"comm_opt"`` one rank per layer,
+            assigned by cost, which sends the inverses to all; ``"mem_opt"`` the owner alone, which
+            keeps the inverses and sends the preconditioned gradient instead. No effect without a group.
+        lazy_sync: Sum the factor statistics over the ranks only when the inverses are recomputed
+            (kfac-jax): each rank averages its own statistics in between, and the factors are averaged
+            over the ranks before inversion (exact for equal per-rank batches). Default: at every
+            factor update, one collective for all layers.
+        process_group: The ``torch.distributed`` group (default: the default group).
+
+    Data parallel (``torchrun`` + DDP): the gradients are used as DDP left them (averaged over the ranks;
+    the optimizer does not average again), and the factors are those of the union of the ranks' batches:
+    ``A`` and the sample counts summed, ``G`` each rank's factor weighted by its samples, all layers in one
+    bucketed all-reduce per factor update. Gradient accumulation under ``model.no_sync()`` counts every
+    micro-batch's statistics. :attr:`communication` logs the bytes this rank sent per kind of collective.
 
     The factors are the empirical Fisher's by default. For the true Fisher, add one line
     before ``loss.backward()``: ``optimizer.mc_backward(outputs, loss_fn)``
@@ -176,7 +193,10 @@ class KFAC(Optimizer):
     def __init__(self, params, lr: float = 0.03, damping: float = 0.1, momentum: float = 0.9,
                  weight_decay: float = 0.0, factor_decay: float = 0.95, factor_every: int = 20,
                  inverse_every: int = 200, kl_clip: float = 1e-3, factored_damping: bool = True,
-                 kfac_approx: str = "expand", grad_scaler: Any = None) -> None:
+                 kfac_approx: str = "expand", grad_scaler: Any = None, distribute: str = "replicate",
+                 lazy_sync: bool = False, process_group: Any = None) -> None:
+        if distribute not in DISTRIBUTE_MODES:
+            raise OptionError(f"KFAC: distribute={distribute!r}; valid: {', '.join(map(repr, DISTRIBUTE_MODES))}")
         checks = [(lr >= 0, f"lr must be >= 0, got {lr}"), (damping > 0, f"damping must be > 0, got {damping}"),
                   (0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}"),
                   (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
@@ -203,6 +223,9 @@ class KFAC(Optimizer):
         self._mc = {"step": False, "forward": False}  # mc_backward called / a recorded layer ran
         self._plans: dict[int, tuple] = {}  # id(group) -> (signature, plan), see _plan
         self.grad_scaler = grad_scaler
+        self.distribute, self.lazy_sync, self.process_group = distribute, bool(lazy_sync), process_group
+        self.communication = CommunicationLog()
+        self._owner_plan: tuple | None = None  # (signature, {id(weight): owning rank})
         me = weakref.ref(self)
         depth = self._forward
 
@@ -520,13 +543,50 @@ class KFAC(Optimizer):
     def _new_factors(self, stats_scale: float = 1.0) -> dict[int, dict[str, tuple[torch.Tensor, float]]]:
         """``id(weight) -> {"A": (sum, divisor), "G": (sum, divisor)}`` of this step's statistics
         (the factor is ``sum / divisor``; G's divisor folds in the loss scale ``stats_scale`` of a
-        GradScaler); the caller checks that they are finite."""
+        GradScaler); the caller checks that they are finite. Under a process group (and without
+        ``lazy_sync``) the statistics are first summed over the ranks, in one collective: every rank then
+        checks the same sums, so all skip or none."""
+        if self._pending and not self.lazy_sync and distributed.active(self.process_group):
+            self._reduce_statistics()
         new = {}
         for key, stats in self._pending.layers.items():
             sums = stats.factor_sums(stats_scale)
             if sums is not None:
                 new[key] = sums
         return new
+
+    def _reduce_statistics(self) -> None:
+        """Sum this step's statistics over the ranks (all layers of all groups in parameter order)."""
+        layers, diagonal, like = [], [], None
+        for group in self.param_groups:
+            group_layers, others = self._plan(group)
+            for p, bias, _, _, d_w in group_layers:
+                layers.append((id(p), d_w + (bias is not None), p.shape[0]))
+                like = like if like is not None else p.new_empty(0, dtype=statistics_dtype(p.dtype))
+            diagonal += [id(p) for p in others]
+        if like is None:
+            p = next(p for g in self.param_groups for p in g["params"])
+            like = p.new_empty(0, dtype=statistics_dtype(p.dtype))
+        nbytes = self._pending.reduce(layers, diagonal, like, self.process_group)
+        self.communication.add_bytes("factors", nbytes)
+
+    def _mode(self) -> str:
+        """The ``distribute`` mode in effect: ``"replicate"`` without a process group."""
+        return self.distribute if distributed.active(self.process_group) else "replicate"
+
+    def _owners(self) -> dict[int, int]:
+        """``id(weight) -> rank`` that inverts the layer (``comm_opt``/``mem_opt``), by cost over every
+        recorded layer in parameter order; cached until the layers or groups change."""
+        signature = (len(self._layers), tuple(len(g["params"]) for g in self.param_groups))
+        if self._owner_plan is None or self._owner_plan[0] != signature:
+            keys, costs = [], []
+            for group in self.param_groups:
+                for p, bias, _, _, d_w in self._plan(group)[0]:
+                    keys.append(id(p))
+                    costs.append(float(d_w + (bias is not None)) ** 3 + float(p.shape[0]) ** 3)
+            ranks = assign_owners(costs, distributed.world_size(self.process_group))
+            self._owner_plan = (signature, dict(zip(keys, ranks)))
+        return self._owner_plan[1]
 
     def _plan(self, group: dict) -> tuple[list[tuple], list[torch.Tensor]]:
         """The group's recorded layers as ``(weight, bias or None, state, bias state, weight size per
@@ -607,13 +667,17 @@ class KFAC(Optimizer):
             vg = torch.stack(dots).to(torch.float64).sum()  # summed in float64: one cast, not one per dot
         return {"params": params, "steps": steps, "states": states, "commits": commits, "vg": vg}
 
-    @staticmethod
-    def _precondition(group: dict, layers: list[tuple], inverses: list[dict | None]) -> tuple[list, list, list]:
+    def _precondition(self, group: dict, layers: list[tuple], inverses: list[dict | None]
+                      ) -> tuple[list, list, list]:
         """Per layer: the state entries the step will commit (step count, refreshed inverses), the
         gradients ``(gw [out, in], gb [out] or None)`` with weight decay, in the factors' dtype, and the
-        update ``(A ⊗ G + damping)^{-1} [gw | gb]`` as ``(u_w, u_b)``."""
+        update ``(A ⊗ G + damping)^{-1} [gw | gb]`` as ``(u_w, u_b)``. Under ``mem_opt`` each rank
+        preconditions the layers it owns, and the updates are summed over the ranks in one collective
+        (the other ranks' parts are zeros)."""
         damping, wd = group["damping"], group["weight_decay"]
         all_entries, grads, updates = [], [], []
+        mem_opt = self._mode() == "mem_opt"
+        owners, me = (self._owners(), distributed.rank(self.process_group)) if mem_opt else ({}, 0)
         for (p, bias, state, _, _), inverse in zip(layers, inverses):
             entries: dict = {"step": state.get("step", 0) + 1}
             if inverse is not None:
@@ -624,11 +688,19 @@ class KFAC(Optimizer):
             gb = None
             if bias is not None:
                 gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd).to(dtype)
+            all_entries.append(entries)
+            grads.append((gw, gb))
+            if mem_opt and owners[id(p)] != me:
+                updates.append((torch.zeros_like(gw), None if gb is None else torch.zeros_like(gb)))
+                continue
             # the held-back entries over the state: the step's inverses, stored only once it is taken
             block = KroneckerFactors(ChainMap(entries, state))
             updates.append(block.multiply(gw, gb, power=-1, damping=damping, factored=group["factored_damping"]))
-            all_entries.append(entries)
-            grads.append((gw, gb))
+        if mem_opt and updates:
+            flat = [u for pair in updates for u in pair if u is not None]
+            summed = iter(distributed.sum_across(flat, self.process_group))
+            self.communication.add("updates", flat)
+            updates = [(next(summed), None if u_b is None else next(summed)) for _, u_b in updates]
         return all_entries, grads, updates
 
     def _inverses(self, group: dict, layers: list[tuple], new: dict[int, dict]) -> list[dict | None]:
@@ -637,12 +709,17 @@ class KFAC(Optimizer):
         every factor update (warm-up: the first factors come from few batches); a damping changed by a
         scheduler takes effect at once, from the current factors. The Cholesky factorizations of all
         refreshed layers are checked with one read of the device."""
-        damping, every = group["damping"], group["inverse_every"]
+        damping, every, factored = group["damping"], group["inverse_every"], group["factored_damping"]
+        mode = self._mode()
+        owners, me = (self._owners(), distributed.rank(self.process_group)) if mode != "replicate" else ({}, 0)
         due = []
         for p, _, state, _, _ in layers:
             step = state.get("step", 0)
             refresh = step % every == 0 or (step < every and id(p) in new)
-            if group["factored_damping"]:
+            if mode == "mem_opt" and owners[id(p)] != me:
+                # not this rank's inverses: only the marker of the owner's refresh (see below)
+                due.append(refresh or state.get("inv_damping") != damping)
+            elif factored:
                 due.append(refresh or "inv_A" not in state or state["inv_damping"] != damping)
             else:
                 due.append(refresh or "eig_A" not in state)
@@ -650,14 +727,59 @@ class KFAC(Optimizer):
         todo = [i for i, d in enumerate(due) if d]
         if not todo:
             return out
-        if group["factored_damping"]:
+        if self.lazy_sync and distributed.active(self.process_group):
+            self._sync_factors([layers[i][2] for i in todo])
+        mine = [i for i in todo if mode == "replicate" or owners[id(layers[i][0])] == me]
+        if factored:
             # explicit damped inverses by Cholesky: two matmuls per step
-            fresh = damped_inverse_entries([KroneckerFactors(layers[i][2]) for i in todo], damping)
+            fresh = damped_inverse_entries([KroneckerFactors(layers[i][2]) for i in mine], damping)
         else:
-            fresh = [KroneckerFactors(layers[i][2]).clamped_eigendecompositions() for i in todo]
-        for i, entries in zip(todo, fresh):
+            fresh = [KroneckerFactors(layers[i][2]).clamped_eigendecompositions() for i in mine]
+        for i, entries in zip(mine, fresh):
             out[i] = entries
+        if mode == "comm_opt":
+            shared = self._share_inverses([layers[i] for i in todo], [out[i] for i in todo], factored, damping)
+            for i, entries in zip(todo, shared):
+                out[i] = entries
+        elif mode == "mem_opt":
+            for i in todo:
+                if out[i] is None:  # the owner refreshed its inverses: remember the damping they are for
+                    out[i] = {"inv_damping": damping}
+                elif not factored:
+                    out[i]["inv_damping"] = damping
         return out
+
+    def _sync_factors(self, states: list[dict]) -> None:
+        """``lazy_sync``: average the factors of the layers about to be inverted over the ranks, in place,
+        in one collective."""
+        factors = [state[name] for state in states for name in ("A", "G")]
+        summed = distributed.sum_across(factors, self.process_group)
+        self.communication.add("factors", factors)
+        world = distributed.world_size(self.process_group)
+        for f, total in zip(factors, summed):
+            f.copy_(total).div_(world)
+
+    def _share_inverses(self, layers: list[tuple], entries: list[dict | None], factored: bool,
+                        damping: float) -> list[dict]:
+        """``comm_opt``: every rank receives the inverses its peers computed for the layers they own (their
+        state entries, in the order of ``layers``), in one collective: a sum in which the other ranks'
+        parts are zeros, exact."""
+        parts = []
+        for (p, bias, state, _, d_w), entry in zip(layers, entries):
+            dim_a, dim_g = d_w + (bias is not None), p.shape[0]
+            like = state["A"]
+            if factored:
+                shapes = [(dim_a, dim_a), (dim_g, dim_g)]
+                tensors = [entry["inv_A"], entry["inv_G"]] if entry is not None else None
+            else:
+                shapes = [(dim_a,), (dim_a, dim_a), (dim_g,), (dim_g, dim_g)]
+                tensors = [*entry["eig_A"], *entry["eig_G"]] if entry is not None else None
+            parts += tensors if tensors is not None else [like.new_zeros(s) for s in shapes]
+        summed = iter(distributed.sum_across(parts, self.process_group))
+        self.communication.add("inverses", parts)
+        if factored:
+            return [{"inv_A": next(summed), "inv_G": next(summed), "inv_damping": damping} for _ in layers]
+        return [{"eig_A": (next(summed), next(summed)), "eig_G": (next(summed), next(summed))} for _ in layers]
 
     def _apply_group(self, group: dict, update: dict, vg: float | None) -> None:
         """Commit a prepared group (:meth:`_prepare_group`): its held-back state entries, the KL clip,
@@ -700,6 +822,8 @@ class KFAC(Optimizer):
         fallback = max([n for n, _ in self._pending.diag_counts.values()]
                        + [stats.a_count for stats in self._pending.layers.values()] + [1])
         wd, decay = group["weight_decay"], group["factor_decay"]
+        # lazy_sync leaves the counts local: the ranks' batches, assumed equal, make the global count
+        lazy_ranks = distributed.world_size(self.process_group) if self.lazy_sync else 1
         out = []
         for p in params:
             state = self.state[p]
@@ -708,7 +832,7 @@ class KFAC(Optimizer):
             entries = {"step": step + 1}
             block = DiagonalBlock(state.get("diag"))
             if step % group["factor_every"] == 0:
-                n = self._pending.diag_counts.get(id(p), (fallback, ""))[0]
+                n = self._pending.diag_counts.get(id(p), (fallback, ""))[0] * lazy_ranks
                 entries["diag"] = block.update(p.grad.to(grad.dtype).square() * n, decay)
             commits.append((state, entries))
             out.append((p, block.multiply(grad, power=-1, damping=group["damping"]), grad))
