@@ -28,6 +28,7 @@ from curvopt.curvature.params import (
     custom_blocks,
     module_blocks,
     select_parameters,
+    unwrap_model,
 )
 from curvopt.curvature.solve import KRYLOV_METHODS, krylov_solve
 from curvopt.errors import DenseSizeError, OptionError, ParameterError, ShapeError
@@ -50,7 +51,10 @@ class CurvatureOperator(ABC):
     matrix; the global RNG, buffers and modes are restored.
 
     Args:
-        model: The network; device and dtype of the operator follow its parameters.
+        model: The network; device and dtype of the operator follow its parameters. A
+            ``DistributedDataParallel`` wrapper is looked through (its ``.module`` is used, so its
+            reducer never fires during curvature passes; parameter names carry no ``module.`` prefix);
+            an FSDP-sharded model is refused (:func:`~curvopt.curvature.params.unwrap_model`).
         loss_fn: ``loss_fn(model(X), y) -> scalar``.
         data: One ``(X, y)`` batch or an iterable of batches (a list, a ``DataLoader``).
             Floating-point inputs and targets are cast to the model's dtype and moved
@@ -103,6 +107,12 @@ class CurvatureOperator(ABC):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
         check_data(data)
+        inner = unwrap_model(model)
+        if inner is not model and params is not None:
+            # names as the wrapper gives them ("module.0.weight") name the same parameters inside it
+            params = [p[len("module."):] if isinstance(p, str) and p.startswith("module.") else p
+                      for p in ([params] if isinstance(params, (str, torch.Tensor)) else params)]
+        model = inner
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
@@ -329,8 +339,11 @@ class CurvatureOperator(ABC):
         with curvature_pass(self.model):
             return self._matmat_pass(V)
 
-    def _accumulate(self, product: Any, data: Any) -> TensorList:
-        """The one data loop with this operator's reduction, batch weights and process group."""
+    def _accumulate(self, product: Any, data: Any, zeros: Any = None) -> TensorList:
+        """The one data loop with this operator's reduction, batch weights and process group.
+
+        ``zeros() -> tensors`` shaped like ``product``'s results lets a rank without samples take part in
+        the pass's one collective (see :func:`~curvopt.curvature.data_loop.accumulate`)."""
         return accumulate(
             product,
             data,
@@ -338,6 +351,7 @@ class CurvatureOperator(ABC):
             process_group=self.process_group,
             progress=self.progress,
             weight=self._batch_weight,
+            zeros=zeros,
         )
 
     def _matmat_pass(self, V: TensorList) -> TensorList:
@@ -347,6 +361,7 @@ class CurvatureOperator(ABC):
             return self._accumulate(
                 lambda i, X, y: self._product(next(served)[2], V, batch_size(X)),
                 [(X, y) for X, y, _ in contexts],
+                zeros=lambda: [torch.zeros_like(v) for v in V],
             )
         self._cached = None  # free the stale contexts before building new ones
         snapshot = ParameterSnapshot(self._params) if self.cache else None
@@ -363,7 +378,7 @@ class CurvatureOperator(ABC):
                 fresh.append((X, y, ctx))
             return self._product(ctx, V, batch_size(X))
 
-        result = self._accumulate(product, self.data)
+        result = self._accumulate(product, self.data, zeros=lambda: [torch.zeros_like(v) for v in V])
         if self.cache:
             self._cached = (snapshot, fresh)
         return result

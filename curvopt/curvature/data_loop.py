@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from curvopt.errors import EmptyDataError, NonFiniteLossError
 
@@ -40,13 +39,19 @@ def _is_tensor_tuple(x: Any) -> bool:
 def check_data(data: Any) -> None:
     """Reject data that cannot be iterated more than once, or that is visibly empty.
 
+    Under an active process group emptiness is not raised here, on one rank before any collective
+    (its peers would wait for it): the data loop agrees on it and raises it on every rank.
+
     Raises:
-        EmptyDataError: for an empty sized collection or an empty single batch.
+        EmptyDataError: for an empty sized collection or an empty single batch (without a process group).
         TypeError: for a one-shot iterator (a generator), which a second product would
             find exhausted.
     """
+    from curvopt import distributed
+
+    grouped = distributed.active()
     if is_single_batch(data):
-        if batch_size(data[0]) == 0:
+        if batch_size(data[0]) == 0 and not grouped:
             raise EmptyDataError("data holds an (X, y) batch with 0 samples")
         return
     if not isinstance(data, Iterable):
@@ -59,7 +64,7 @@ def check_data(data: Any) -> None:
             "data is a one-shot iterator (e.g. a generator); curvature operators pass "
             "over the data once per product, so give a list of batches or a DataLoader"
         )
-    if hasattr(data, "__len__") and len(data) == 0:
+    if hasattr(data, "__len__") and len(data) == 0 and not grouped:
         raise EmptyDataError("data holds no batches")
 
 
@@ -108,6 +113,26 @@ def first_batch(data: Any, where: str) -> tuple[Any, Any]:
     raise EmptyDataError(f"{where}: the data holds no samples (no batch, or every batch is empty)")
 
 
+def count_samples(data: Any, count: Callable[[Any, Any], int] | None = None) -> int:
+    """Samples in ``data`` (one batch or an iterable of batches; a DataLoader is iterated once), or with
+    ``count(X, y)``, the sum of what it says of each batch."""
+    count = count or (lambda X, y: batch_size(X))
+    return sum(count(X, y) for X, y in iterate_batches(data))
+
+
+def rank_sample_offset(data: Any, group: Any = None, count: Callable[[Any, Any], int] | None = None) -> int:
+    """Global index of this rank's first sample (or unit that ``count(X, y)`` counts), ranks' data in rank
+    order, which keys per-sample random draws so that they depend neither on batching nor on ranks.
+
+    0 without a process group (nothing is counted then); under one, :func:`count_samples` and one
+    all-gather (:func:`curvopt.distributed.sample_offset`), so call it once and keep the result."""
+    from curvopt import distributed
+
+    if not distributed.active(group):
+        return 0
+    return distributed.sample_offset(count_samples(data, count), group)[0]
+
+
 #: The bar of the estimator running now (see :func:`one_bar`); passes count into it instead of a bar each.
 _ESTIMATOR_BAR: contextvars.ContextVar[Any] = contextvars.ContextVar("curvopt_estimator_bar", default=None)
 
@@ -140,8 +165,15 @@ def accumulate(
     process_group: Any = None,
     progress: bool | str = False,
     weight: BatchWeight | None = None,
+    zeros: Callable[[], list[torch.Tensor]] | None = None,
 ) -> list[torch.Tensor]:
     """Sum per-batch results into the curvature of the whole empirical risk.
+
+    Under an active process group the ranks' partial sums and sample counts travel in one all-reduce
+    (:func:`curvopt.distributed.sum_across`), so the result is the risk over the union of all ranks' data.
+    No rank raises before that collective: a non-finite loss, a rank without samples, or an exception
+    raised by ``product`` on some batch is agreed through it, and every rank raises the same error naming
+    the rank (and the batch).
 
     Args:
         product: ``product(index, X, y) -> (loss, tensors)`` evaluated on batch ``index``
@@ -157,14 +189,26 @@ def accumulate(
             :func:`one_bar`, count this pass into that bar instead.
         process_group: A ``torch.distributed`` group to all-reduce over; ``None`` uses
             the default group when one is initialized, and no communication otherwise.
+        zeros: ``zeros() -> tensors``, zeros shaped like ``product``'s tensors (same dtypes and device).
+            Under a process group a rank with no result of its own (no samples, or a first product that
+            raised) still takes part in the collective with them, and the pass costs exactly one
+            collective; every caller that may run under a group should pass it (an operator knows its
+            result shapes: e.g. those of the vectors it multiplies). Without it, the ranks first agree on
+            failures in one more, tiny collective. Unused without a process group.
 
     Returns:
         The accumulated tensors.
 
     Raises:
-        EmptyDataError: when the data holds no samples (on every rank).
-        NonFiniteLossError: naming the first batch whose loss is not finite.
+        EmptyDataError: when the data holds no samples (under a group: when some rank's data holds
+            none, on every rank, naming it).
+        NonFiniteLossError: naming the first batch whose loss is not finite (and the rank).
+        Any exception raised by ``product``: without a group, as raised; under a group, on every rank,
+            same type, the message prefixed with the rank and batch.
     """
+    from curvopt import distributed
+
+    grouped = distributed.active(process_group)
     total: list[torch.Tensor] | None = None
     unchecked: list[tuple[torch.Tensor, Any]] = []  # losses not yet found finite: (detached, weak ref to the loss)
     n_samples = 0
@@ -177,33 +221,61 @@ def accumulate(
         count = 1 if is_single_batch(data) else (len(data) if hasattr(data, "__len__") else None)
         desc = progress if isinstance(progress, str) else "curvature pass"
         batches = tqdm(batches, total=count, desc=desc, unit="batch", leave=False)
-    for index, (X, y) in enumerate(batches):
-        n = batch_size(X)
-        if n > 0 and weight is not None:
-            n = weight(X, y, n)
-        if n == 0:
-            continue
-        loss, parts = product(index, X, y)
-        if not _known_finite(loss):  # a cached context's loss was checked on the pass that built it
-            unchecked.append((loss.detach(), weakref.ref(loss)))  # weak: a loss with a graph is not kept
-            batch_of_loss.append(index)
-        scale = float(n) if reduction == "mean" else 1.0
-        scaled = [scale * t for t in parts]
-        total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
-        n_samples += n
-    _check_finite(unchecked, batch_of_loss)
+    failure: Exception | None = None
+    index = -1
+    try:
+        for index, (X, y) in enumerate(batches):
+            n = batch_size(X)
+            if n > 0 and weight is not None:
+                n = weight(X, y, n)
+            if n == 0:
+                continue
+            loss, parts = product(index, X, y)
+            if not _known_finite(loss):  # a cached context's loss was checked on the pass that built it
+                unchecked.append((loss.detach(), weakref.ref(loss)))  # weak: a loss with a graph is not kept
+                batch_of_loss.append(index)
+            scale = float(n) if reduction == "mean" else 1.0
+            scaled = [scale * t for t in parts]
+            total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
+            n_samples += n
+        _check_finite(unchecked, batch_of_loss)
+    except Exception as exc:
+        if not grouped:
+            raise
+        # Caught, to be raised on every rank after the collective rather than here before it.
+        failure = exc if isinstance(exc, NonFiniteLossError) else _in_batch(exc, index)
     if estimator_bar is not None:
         estimator_bar.update(1)
 
-    group_active = dist.is_available() and dist.is_initialized()
-    if group_active:
-        total, n_samples = _all_reduce(total, n_samples, process_group)
+    if grouped:
+        if failure is None and n_samples == 0:
+            failure = EmptyDataError(
+                "this rank's data holds no samples (no batch, or every batch is empty"
+                + ("" if weight is None else " or has only ignored targets")
+                + "); under a process group every rank needs some: shard the data so that each rank gets "
+                "samples (e.g. torch.utils.data.DistributedSampler), or run on fewer ranks"
+            )
+        total, n_samples = _all_reduce(total, n_samples, process_group, failure, zeros)
     if total is None or n_samples == 0:
         raise EmptyDataError("data holds no samples: every batch is empty"
                              + ("" if weight is None else " or has only ignored targets"))
     if reduction == "mean":
         total = [t / n_samples for t in total]
     return total
+
+
+def _in_batch(exc: Exception, index: int) -> Exception:
+    """``exc`` with the batch it was raised on named in its message (same type and attributes)."""
+    if index < 0:
+        return exc
+    named = type(exc).__new__(type(exc))
+    named.args = (f"batch {index}: {exc}",)
+    try:
+        named.__dict__.update(exc.__dict__)
+    except AttributeError:
+        return exc
+    named.__cause__ = exc
+    return named
 
 
 #: Attribute set on a loss tensor found finite: its version counter at the check (an in-place
@@ -247,20 +319,30 @@ def _check_finite(unchecked: list[tuple[torch.Tensor, Any]], batch_of_loss: list
 
 
 def _all_reduce(
-    total: list[torch.Tensor] | None, n_samples: int, group: Any
-) -> tuple[list[torch.Tensor], int]:
-    if total is None:
-        # The collective needs the result's shapes, which only a product tells.
-        raise EmptyDataError(
-            "this rank's data holds no samples; every rank needs at least one sample"
-        )
-    count = torch.tensor([float(n_samples)], dtype=total[0].dtype, device=total[0].device)
-    flat = torch.cat([t.reshape(-1) for t in total] + [count])
-    dist.all_reduce(flat, group=group)
-    total_weight = float(flat[-1])  # a sample count, or a sum of class weights
-    n_samples = int(round(total_weight)) if float(total_weight).is_integer() else total_weight
-    out, offset = [], 0
-    for t in total:
-        out.append(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out, n_samples
+    total: list[torch.Tensor] | None,
+    n_samples: float,
+    group: Any,
+    failure: Exception | None,
+    zeros: Callable[[], list[torch.Tensor]] | None,
+) -> tuple[list[torch.Tensor], float]:
+    """Partial sums and the sample count of every rank, summed in one collective; failures agreed in it."""
+    from curvopt import distributed
+
+    if zeros is None:
+        # Without the result's shapes a rank with nothing to send cannot join the reduction: agree first.
+        distributed.agree(failure, group)
+    elif total is None:
+        total = zeros()
+    if total is None:  # pragma: no cover - agree() raised on every rank
+        raise EmptyDataError("this rank's data holds no samples")
+    dtypes = [t.dtype for t in total]
+    # One buffer: a common dtype, at least float32 so that the sample count (a sum of weights) stays exact.
+    common = torch.float32
+    for dt in dtypes:
+        common = torch.promote_types(common, dt)
+    device = total[0].device
+    count = torch.tensor([float(n_samples)], dtype=common, device=device)
+    reduced = distributed.sum_across([t.to(common) for t in total] + [count], group, failure=failure)
+    total_weight = float(reduced[-1])  # a sample count, or a sum of class weights
+    n = int(round(total_weight)) if float(total_weight).is_integer() else total_weight
+    return [t.to(dt) for t, dt in zip(reduced[:-1], dtypes)], n

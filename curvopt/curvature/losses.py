@@ -47,6 +47,11 @@ class LossSpec(ABC):
         """Number of loss terms the ``"mean"`` reduction divides by."""
         return out.numel()
 
+    def draw_units(self, y: torch.Tensor) -> int:
+        """Units of a batch with targets ``y`` that take their own Monte-Carlo draws (keyed by
+        :class:`SampleDraws`): its samples; for cross entropy, its counted targets."""
+        return int(y.shape[0]) if y.dim() else 1
+
     def counted(self, out: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor | None:
         """A 0/1 mask broadcastable to ``out`` of the entries whose targets count; ``None``: all."""
         return None
@@ -70,10 +75,12 @@ class LossSpec(ABC):
 
     @abstractmethod
     def sampled_gradients(
-        self, out: torch.Tensor, samples: int, generator: torch.Generator | None, y: torch.Tensor | None = None
+        self, out: torch.Tensor, samples: int, generator: torch.Generator | SampleDraws | None,
+        y: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``[samples, *out.shape]`` gradients at labels drawn from the model; zero at ignored
-        targets when ``y`` is given."""
+        targets when ``y`` is given. With a :class:`SampleDraws` as ``generator`` the draws of each
+        sample depend only on its global index, not on the batch it sits in."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,9 @@ class CrossEntropySpec(LossSpec):
         if y is not None and not y.dtype.is_floating_point:
             return int((y != self.ignore_index).sum())
         return out.numel() // out.shape[1]
+
+    def draw_units(self, y):
+        return self.terms(y.unsqueeze(1), y) if y.dtype.is_floating_point else self.terms(None, y)
 
     def counted(self, out, y):
         if y is None or y.dtype.is_floating_point:
@@ -132,7 +142,17 @@ class CrossEntropySpec(LossSpec):
         # A non-finite output is reported by the data loop with its batch index;
         # sample something harmless here instead of failing inside multinomial.
         probs = torch.where(torch.isfinite(probs), probs, torch.ones_like(probs))
-        labels = torch.multinomial(probs, samples, replacement=True, generator=generator)
+        if isinstance(generator, SampleDraws):  # inverse CDF at one keyed uniform per counted target
+            if y is None or y.dtype.is_floating_point:
+                units: Any = probs.shape[0]
+            else:  # ignored targets (padding) take no key: the others' draws do not depend on them
+                units = ((y.reshape(-1) != self.ignore_index).cumsum(0) - 1).clamp_(min=0)
+            u = generator.uniform(samples, units, 1, out.device)
+            cdf = probs.to(torch.float64).cumsum(dim=1)
+            u = u.reshape(samples, -1, 1) * cdf[:, -1:]
+            labels = (u >= cdf[:, :-1]).sum(dim=2).T  # [N*, S]
+        else:
+            labels = torch.multinomial(probs, samples, replacement=True, generator=generator)
         onehot = F.one_hot(labels.T, out.shape[1]).to(out.dtype)  # [S, N*, C]
         onehot = onehot.reshape(samples, *p.movedim(1, -1).shape).movedim(-1, 2)
         g = p.unsqueeze(0) - onehot
@@ -157,9 +177,13 @@ class MSESpec(LossSpec):
 
     def sampled_gradients(self, out, samples, generator, y=None):
         # y ~ N(f, I/2) makes E[g g^T] = 2 I, the loss Hessian.
-        noise = torch.randn(
-            (samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device
-        )
+        if isinstance(generator, SampleDraws):
+            noise = generator.normal(samples, out.shape[0], out[0].numel() if out.dim() else 1, out.device)
+            noise = noise.reshape(samples, *out.shape).to(out.dtype)
+        else:
+            noise = torch.randn(
+                (samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device
+            )
         return -2.0 * (0.5**0.5) * noise
 
 
@@ -181,8 +205,80 @@ class BCEWithLogitsSpec(LossSpec):
 
     def sampled_gradients(self, out, samples, generator, y=None):
         s = torch.sigmoid(out)
-        u = torch.rand((samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device)
+        if isinstance(generator, SampleDraws):
+            u = generator.uniform(samples, out.shape[0], out[0].numel() if out.dim() else 1, out.device)
+            u = u.reshape(samples, *out.shape)
+        else:
+            u = torch.rand((samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device)
         return s.unsqueeze(0) - (u < s).to(out.dtype)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for ``0 <= x < 2**32`` in int64 without overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _fmix32(x: Any) -> Any:
+    """MurmurHash3's 32-bit finalizer: every input bit flips each output bit with probability ~1/2."""
+    if isinstance(x, int):
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & _M32
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & _M32
+        return x ^ (x >> 16)
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+@dataclass(frozen=True)
+class SampleDraws:
+    """Counter-based random numbers for Monte-Carlo labels, keyed by ``(seed, global sample index, draw,
+    entry)``: a sample gets the same draws whatever batch, batch size or rank it sits in, so that ranks
+    holding shards of the data reproduce one process on all of it exactly. Hashing (MurmurHash3's
+    finalizer, chained over the key) replaces a stateful generator, whose stream would depend on what was
+    drawn before in the batch; it is the same on every device.
+
+    Args:
+        seed: The operator's seed.
+        first: Global index of the batch's first unit (a sample; for cross entropy a counted target,
+            so that padding takes no key, see :meth:`LossSpec.draw_units`).
+    """
+
+    seed: int
+    first: int
+
+    def _words(self, samples: int, units: int | torch.Tensor, per_unit: int, device: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = _fmix32((self.seed & _M32) ^ 0x9E3779B9)
+        h = _fmix32(h ^ ((self.seed >> 32) & _M32))
+        if isinstance(units, int):
+            index = torch.arange(self.first, self.first + units, dtype=torch.int64, device=device)
+        else:
+            index = units.to(device=device, dtype=torch.int64) + self.first
+        h = _fmix32(_fmix32(h ^ (index & _M32)) ^ (index >> 32))  # [n]
+        draw = torch.arange(samples, dtype=torch.int64, device=device)
+        h = _fmix32(h.unsqueeze(0) ^ draw.unsqueeze(1))  # [S, n]
+        entry = torch.arange(per_unit, dtype=torch.int64, device=device)
+        h = _fmix32(h.unsqueeze(2) ^ entry)  # [S, n, E]
+        return _fmix32(h ^ 0x68E31DA4), _fmix32(h ^ 0xB5297A4D)
+
+    def uniform(self, samples: int, units: int | torch.Tensor, per_unit: int, device: Any) -> torch.Tensor:
+        """``[samples, U, per_unit]`` float64 uniforms on ``[0, 1)`` (53 random bits each) for the units
+        ``first + i``, ``i`` in ``range(units)`` or in the tensor ``units`` ``[U]`` (local indices)."""
+        a, b = self._words(samples, units, per_unit, device)
+        return ((a >> 5) * 67108864 + (b >> 6)).to(torch.float64) * 2.0**-53
+
+    def normal(self, samples: int, units: int | torch.Tensor, per_unit: int, device: Any) -> torch.Tensor:
+        """``[samples, U, per_unit]`` float64 standard normals (Box-Muller on two keyed uniforms)."""
+        u1 = self.uniform(samples, units, per_unit, device)
+        u2 = SampleDraws(self.seed ^ 0x5BD1E995, self.first).uniform(samples, units, per_unit, device)
+        return torch.sqrt(-2.0 * torch.log1p(-u1)) * torch.cos(2.0 * math.pi * u2)
 
 
 def _one_hot(y: torch.Tensor, classes: int, dim: int, like: torch.Tensor) -> torch.Tensor:

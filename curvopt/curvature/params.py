@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,40 @@ class Block:
     param_names: tuple[str, ...]
     indices: tuple[int, ...]
     numel: int
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside a data-parallel wrapper, for the curvature passes to call functionally.
+
+    ``DistributedDataParallel`` (and ``DataParallel``) give their ``.module``: calling the wrapper
+    would fire DDP's gradient reducer (an all-reduce per bucket, on gradients the curvature passes do
+    not produce), and its parameters would be named with a ``module.`` prefix. The operator
+    all-reduces its own results over the process group instead.
+
+    Raises:
+        UnsupportedModuleError: for a model sharded with FSDP (``FullyShardedDataParallel`` or FSDP2's
+            ``fully_shard``), naming the module: second-order autograd through FSDP's parameter
+            all-gathers is broken upstream (pytorch#172543, #182641).
+    """
+    from curvopt.errors import UnsupportedModuleError
+
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    # A sharded model was built with FSDP already imported; importing it here would cost ~1.5 s.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp_classes = tuple(c for c in (getattr(fsdp, "FullyShardedDataParallel", None),
+                                     getattr(fsdp, "FSDPModule", None)) if isinstance(c, type))
+    for name, module in model.named_modules():
+        if fsdp_classes and isinstance(module, fsdp_classes):
+            kind = type(module).__name__
+            where = f"module {name!r} ({kind})" if name else f"the model ({kind})"
+            raise UnsupportedModuleError(
+                f"{where} is sharded with FSDP; curvature needs second-order autograd through the model, "
+                "which FSDP's parameter all-gathers do not support (pytorch#172543, #182641). Build the "
+                "operator on the unsharded model, wrapped in DistributedDataParallel (or not wrapped): "
+                "the operator all-reduces over the process group itself"
+            )
+    return model
 
 
 def select_parameters(
