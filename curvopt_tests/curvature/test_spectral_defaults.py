@@ -30,15 +30,17 @@ def reference_hessian(pb) -> torch.Tensor:
 
 
 def counting_contexts(op):
-    """Wrap ``op``'s per-batch context builder; the list fills with one entry per context built."""
+    """Wrap ``op``'s per-batch context builders (the context and the one-vector uncached path, which
+    differentiates the batch afresh too); the list fills with one entry per batch differentiated."""
     calls = []
-    build = op._batch_context
+    for attr in ("_batch_context", "_batch_single_product"):
+        build = getattr(op, attr)
 
-    def counted(*args):
-        calls.append(args[0])
-        return build(*args)
+        def counted(*args, build=build):
+            calls.append(args[0])
+            return build(*args)
 
-    op._batch_context = counted
+        setattr(op, attr, counted)
     return calls
 
 
@@ -120,3 +122,49 @@ def test_auto_cache_of_a_block_diagonal_operator_caches_its_base_and_leaves_a_us
     kept = cached._cached
     curvopt.top_eigenvalues(cached, 1)
     assert cached.cache is True and cached._cached is kept  # the user's own cache is used and left in place
+
+
+class _PartlyLinear(torch.nn.Module):
+    """A loss whose gradient in ``shift`` is constant (zero Hessian rows) and a parameter it never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+        self.shift = torch.nn.Parameter(torch.tensor(0.3))
+        self.unused = torch.nn.Parameter(torch.ones(2))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return self.body(X) + self.shift * X[:, :1]
+
+
+def test_uncached_hessian_vector_product_matches_the_dense_hessian():
+    """One uncached vector takes the eager double-backward path: it agrees with the dense float64 Hessian,
+    with the cached (torch.func) path, and gives zero rows for a parameter whose gradient is constant or
+    that the loss never uses."""
+    torch.manual_seed(0)
+    model = _PartlyLinear().double()
+    X, y = torch.randn(9, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    loss_fn = torch.nn.MSELoss()
+    data = [(X[:5], y[:5]), (X[5:], y[5:])]
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def risk(t):
+        params, i = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = t[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return loss_fn(functional_call(model, params, (X,)), y)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    H = hessian(risk, theta)
+    v = torch.randn(theta.shape[0], dtype=torch.float64)
+    uncached = curvopt.curvature("hessian", model, loss_fn, data, cache=False)
+    cached = curvopt.curvature("hessian", model, loss_fn, data, cache=True)
+    out = uncached @ v
+    torch.testing.assert_close(out, H @ v, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, cached @ v, rtol=1e-10, atol=1e-12)
+    start = sum(p.numel() for n, p in list(model.named_parameters())[: names.index("unused")])
+    assert bool((out[start : start + 2] == 0).all())  # the unused parameter
+    listed = uncached @ [torch.ones_like(p) for p in model.parameters()]
+    assert [tuple(t.shape) for t in listed] == [tuple(s) for s in shapes]
