@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import math
 import sys
@@ -65,6 +66,7 @@ from curvopt.cli.config import (
 )
 from curvopt.cli.config import make_quantizer as _make_quantizer
 from curvopt.cli.config import sensitivity_curvature as _sensitivity_curvature
+from curvopt.cli.launch import Launch, current_launch, process_group, requested_world, shard
 from curvopt.errors import ConfigError, CurvoptError
 from curvopt.optim import batch_closure
 from curvopt.optim.registry import OPTIMIZERS, takes_closure
@@ -165,15 +167,19 @@ def analyze(config: AnalyzeConfig, out: Path | None = None) -> dict[str, Any]:
     out = Path(out or outcfg["dir"])
     ckpt = config["model"]["checkpoint"]
     state = _read_checkpoint(ckpt) if ckpt else None  # a wrong file fails before the data is built
-    data = _dataset(config)
-    model = _model(config, data.X_train.shape[1], data.num_classes)
+    launch = current_launch()
+    data = _on_device(_dataset(config), launch.device)
+    model = _model(config, data.X_train.shape[1], data.num_classes).to(launch.device)
     loss_fn = LOSSES[config["loss"]["name"]]()
     backend = config["curvature"]["backend"]
     options = dict(config["curvature"]["options"])
     options.setdefault("cache", True)
     n = min(config["data"]["samples"], data.X_train.shape[0])
-    batches = list(zip(data.X_train[:n].split(config["data"]["batch_size"]),
-                       data.y_train[:n].split(config["data"]["batch_size"])))
+    # under torchrun each rank holds its contiguous share of the n samples; the operators and estimators
+    # all-reduce over the ranks, so the curvature is that of all n samples
+    mine = shard(n, launch.rank, launch.world)
+    batches = list(zip(data.X_train[:n][mine].split(config["data"]["batch_size"]),
+                       data.y_train[:n][mine].split(config["data"]["batch_size"])))
     # Everything that can be checked before the computation is: the checkpoint, the budgets
     # against the model's size, and the backend options (building an operator runs no pass).
     t0 = time.perf_counter()
@@ -188,6 +194,7 @@ def analyze(config: AnalyzeConfig, out: Path | None = None) -> dict[str, Any]:
         curvature(backend, model, loss_fn, batches, **options)
     if not ckpt:
         _train(model, data, loss_fn, config, progress)
+        _same_weights_as_rank0(model, launch)
     model.eval()
     print(f"model: {config['model']['arch']} ({sum(p.numel() for p in model.parameters())} parameters), "
           f"{'loaded' if ckpt else 'trained'} in {time.perf_counter() - t0:.1f}s; "
@@ -195,7 +202,8 @@ def analyze(config: AnalyzeConfig, out: Path | None = None) -> dict[str, Any]:
           f"test acc {_evaluate(model, data.X_test, data.y_test)[1]:.3f}")
     bar = f"{backend} pass" if progress else False
     op = curvature(backend, model, loss_fn, batches, progress=bar, **options)
-    print(f"curvature: {backend} on {n} samples in {len(batches)} batches, P = {op.shape[0]}")
+    ranks = f" per rank, {launch.world} ranks" if launch.world > 1 else ""
+    print(f"curvature: {backend} on {n} samples in {len(batches)} batches{ranks}, P = {op.shape[0]}")
 
     top = curvopt.top_eigenvalues(op, est["top_k"], tol=est["tol"], seed=est["seed"])
     print(f"top-{est['top_k']} eigenvalues of the {backend} ({top.iterations} products): "
@@ -208,9 +216,16 @@ def analyze(config: AnalyzeConfig, out: Path | None = None) -> dict[str, Any]:
     print(report.table())
     result = {"backend": backend, "top_eigenvalues": top.eigenvalues.tolist(), "trace": report.total_trace,
               "trace_se": report.total_trace_se, "sensitivity": report.to_dict()}
-    out.mkdir(parents=True, exist_ok=True)
+    if launch.main:
+        out.mkdir(parents=True, exist_ok=True)
     if outcfg["plots"]:
-        from curvopt.analysis.plots import plot_landscape, plot_spectral_density
+        from curvopt.analysis import plots
+
+        def plot_spectral_density(*args: Any, **kwargs: Any) -> Path:  # every rank computes, rank 0 draws
+            return plots.plot_spectral_density(*args, **kwargs) if launch.main else args[-1]
+
+        def plot_landscape(*args: Any, **kwargs: Any) -> Path:
+            return plots.plot_landscape(*args, **kwargs) if launch.main else args[-1]
 
         grid, dens = curvopt.spectral_density(op, probes=est["density_probes"], steps=est["density_steps"],
                                               seed=est["seed"])
@@ -231,9 +246,32 @@ def analyze(config: AnalyzeConfig, out: Path | None = None) -> dict[str, Any]:
                                         title=f"loss on the top-2 {backend} eigenvector plane"))
         result["plots"] = [str(p) for p in paths]
         print("plots: " + ", ".join(result["plots"]))
-    (out / "analysis.json").write_text(json.dumps(result, indent=2))
+    if launch.main:
+        (out / "analysis.json").write_text(json.dumps(result, indent=2))
     print(f"report: {out / 'analysis.json'}")
     return result
+
+
+def _on_device(data: Any, device: torch.device) -> Any:
+    """``data`` with its tensors on ``device`` (a copy; the same object on the CPU)."""
+    if device.type == "cpu":
+        return data
+    moved = copy.copy(data)
+    for name in ("X_train", "y_train", "X_test", "y_test"):
+        setattr(moved, name, getattr(data, name).to(device))
+    return moved
+
+
+def _same_weights_as_rank0(model: nn.Module, launch: Launch) -> None:
+    """Under torchrun, every rank's weights and buffers set to rank 0's (each trained the same way; this
+    rules out any difference in the last bit). One broadcast per dtype."""
+    if launch.world == 1:
+        return
+    from curvopt import distributed
+
+    tensors = [t for t in model.state_dict().values() if t.numel()]
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        distributed.broadcast_([t for t in tensors if t.dtype == dtype], src=0)
 
 
 def _fixed_bits(config: Any, names: list[str]) -> dict[str, int]:
@@ -584,12 +622,14 @@ def _schedule_option_names(name: str) -> list[str]:
 
 
 def _make_schedule(config: Any, optimizer: torch.optim.Optimizer, model: nn.Module,
-                   loss_fn: Any, dataset: Any) -> Any:
+                   loss_fn: Any, dataset: Any, world: int = 1) -> Any:
     """The ``[schedule]`` of ``config`` over ``dataset`` (``epochs`` from ``[train]``, ``seed`` from ``[model]``
-    unless the options set it)."""
+    unless the options set it). On ``world`` ranks the schedule's batches are global: ``world`` times the
+    per-rank sizes of the config, each shared by the ranks."""
     from curvopt.schedule.registry import make_schedule
 
     batch_size, max_batch_size = _schedule_sizes(config)
+    batch_size, max_batch_size = batch_size * world, max_batch_size and max_batch_size * world
     options = dict(config["schedule"]["options"])
     options["epochs"] = config["train"]["epochs"]
     options.setdefault("seed", config["model"]["seed"])
@@ -684,24 +724,36 @@ def train(config: TrainConfig, out: Path | None = None) -> list[dict[str, Any]]:
 
     progress = bool(config["output"]["progress"])
     out = Path(out or config["output"]["dir"])
-    _check_schedule(config)
-    data = _dataset(config)
-    model = _model(config, data.X_train.shape[1], data.num_classes)
+    launch = current_launch()
+    if launch.world == 1:  # under torchrun: checked by main() before the ranks met
+        _check_schedule(config)
+    data = _on_device(_dataset(config), launch.device)
+    model = _model(config, data.X_train.shape[1], data.num_classes).to(launch.device)
     loss_fn = nn.CrossEntropyLoss()
     optimizer = _optimizer(config, model)
+    net = model
+    if launch.world > 1:  # DDP averages the gradients; its constructor gives every rank rank 0's weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[launch.device.index] if launch.device.index is not None
+                                      else None)
     name = config["schedule"]["name"]
     sched = (None if name == "none" else
-             _make_schedule(config, optimizer, model, loss_fn, (data.X_train, data.y_train)))
-    out.mkdir(parents=True, exist_ok=True)
+             _make_schedule(config, optimizer, net, loss_fn, (data.X_train, data.y_train), world=launch.world))
+    if launch.main:
+        out.mkdir(parents=True, exist_ok=True)
     fields = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds", "iterations", "batch_size",
               "lr", "top_eigenvalue"]
     rows: list[dict[str, Any]] = []
     batch_size, max_batch_size = _schedule_sizes(config)
     sizes = f"batch {batch_size}" + (f" -> {max_batch_size}, schedule {name}" if sched is not None else "")
+    if launch.world > 1:
+        sizes += f" per rank; {launch.world} ranks: effective batch {batch_size * launch.world}"
+    batch_size *= launch.world  # the metrics report the effective (global) batch
     print(f"training {config['model']['arch']} on {config['data']['dataset']} with {config['optimizer']['name']} "
           f"(lr {optimizer.defaults['lr']}, {sizes})")
     print("  ".join(f"{f:>10}" for f in fields))
-    with open(out / "metrics.csv", "w", newline="") as handle:
+    with (open(out / "metrics.csv", "w", newline="") if launch.main else io.StringIO()) as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         elapsed = 0.0
@@ -711,14 +763,14 @@ def train(config: TrainConfig, out: Path | None = None) -> list[dict[str, Any]]:
             start = time.perf_counter()
             eigenvalue: float | str = ""
             if sched is None:
-                loader = data.loader(batch_size, shuffle=True, seed=config["model"]["seed"] + epoch)
+                loader = _loader(data, batch_size // launch.world, config["model"]["seed"], epoch, launch)
                 for X, y in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
                     iterations += 1
                     if isinstance(optimizer, SecondOrderOptimizer):  # Newton-type: a closure over the batch
                         optimizer.step(batch_closure(model, loss_fn, X, y))
                         continue
                     optimizer.zero_grad()
-                    loss_fn(model(X), y).backward()
+                    loss_fn(net(X), y).backward()
                     optimizer.step()
                 lr = _first_lr(optimizer)
             else:
@@ -743,9 +795,57 @@ def train(config: TrainConfig, out: Path | None = None) -> list[dict[str, Any]]:
             handle.flush()
             rows.append(row)
             print("  ".join(_cell(row[f]) for f in fields))
-    torch.save(model.state_dict(), out / "model.pt")
+    _check_replicas(model, launch, config["optimizer"]["name"])
+    if launch.main:
+        torch.save(model.state_dict(), out / "model.pt")
     print(f"metrics: {out / 'metrics.csv'}; weights: {out / 'model.pt'}")
     return rows
+
+
+def _loader(data: Any, batch_size: int, seed: int, epoch: int, launch: Launch) -> Any:
+    """One epoch's shuffled batches of the training split: all of it in one process; under torchrun this
+    rank's share, drawn by a ``DistributedSampler`` (which pads the last round with repeated samples so that
+    every rank takes the same number of steps)."""
+    if launch.world == 1:
+        return data.loader(batch_size, shuffle=True, seed=seed + epoch)
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    dataset = TensorDataset(data.X_train, data.y_train)
+    sampler = DistributedSampler(dataset, num_replicas=launch.world, rank=launch.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+
+
+def _check_distributed_train(config: Any, world: int) -> None:
+    """What ``train`` cannot do on ``world`` ranks, refused before they meet."""
+    name = config["optimizer"]["name"]
+    if takes_closure(name):
+        # their loss, gradient and curvature are not yet all-reduced (issue 15, item 4): each rank would step on
+        # its own shard and the replicas would drift apart
+        raise ConfigError(f"[optimizer] name = {name!r} runs in one process only; launched on {world} ranks "
+                          f"(WORLD_SIZE): run it without torchrun, or choose kfac, adam or sgd")
+
+
+def _check_replicas(model: nn.Module, launch: Launch, name: str) -> None:
+    """Under torchrun, that every rank ends with rank 0's weights (DDP keeps gradients, not weights, in step: an
+    optimizer whose update depends on rank-local state would let the replicas drift apart silently).
+
+    Raises:
+        CurvoptError: on every rank, naming the optimizer, when some rank's weights differ from rank 0's.
+    """
+    if launch.world == 1:
+        return
+    from curvopt import distributed
+
+    mine = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    theirs = mine.clone()
+    distributed.broadcast_([theirs], src=0)
+    drift = (mine - theirs).abs().max().reshape(1) / theirs.abs().max().clamp_min(1e-30)
+    (worst,) = distributed.sum_across([drift])
+    if float(worst) > 1e-6:
+        raise CurvoptError(f"after training, the weights of the {launch.world} ranks differ (relative "
+                           f"{float(worst):.2g}): optimizer {name!r} does not keep DDP replicas in step; run it "
+                           f"in one process")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -775,16 +875,32 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else None
     try:
-        if args.command == "train":
-            train(load_config(args.config, TRAIN_DEFAULTS), out)
-        elif args.command == "quantize":
-            quantize(load_config(args.config, QUANTIZE_DEFAULTS), out)
-        else:
-            analyze(load_config(args.config), out)
+        defaults = {"train": TRAIN_DEFAULTS, "quantize": QUANTIZE_DEFAULTS}.get(args.command, DEFAULTS)
+        config = load_config(args.config, defaults)
+        world = requested_world()
+        if world > 1:  # every check that needs no data, before the ranks meet
+            if args.command == "quantize":
+                raise ConfigError(f"quantize runs in one process; launched on {world} (WORLD_SIZE): run it "
+                                  f"without torchrun")
+            if args.command == "train":
+                _check_distributed_train(config, world)
+                _check_schedule(config)
+        with process_group() as launch:
+            if not launch.main:
+                config["output"]["progress"] = False  # one set of bars: rank 0's
+            command = {"train": train, "quantize": quantize}.get(args.command, analyze)
+            command(config, out)
     except (CurvoptError, OSError) as e:
-        print(f"curvopt: error: {e}", file=sys.stderr)
+        where = f" (rank {_rank()})" if requested_world() > 1 else ""
+        print(f"curvopt: error{where}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", "0"))
 
 
 __all__ = [
