@@ -14,7 +14,7 @@ from torch import nn
 
 from curvopt.curvature.model_state import curvature_pass
 from curvopt.errors import NonFiniteLossError, OptionError
-from curvopt.schedule.base import LR_SCALINGS, BatchSizeSchedule, _positive_int, lr_factor
+from curvopt.schedule.base import LR_SCALINGS, BatchSizeSchedule, _positive_int, inner_module, lr_factor
 from curvopt.schedule.fgsm import FGSM
 
 #: Seed offset of the probe set's draw (kept apart from the sampler's permutations).
@@ -95,6 +95,9 @@ class AdaptiveBatchSize(BatchSizeSchedule):
         self.lr_scaling, self.blockwise = lr_scaling, bool(blockwise)
         self.lanczos_steps, self.tol = _positive_int("lanczos_steps", lanczos_steps), float(tol)
         self.probe_size = min(_positive_int("probe_size", probe_size), len(self.data))
+        if self.probe_size < self.world:
+            raise OptionError(f"probe_size={self.probe_size} is shared by {self.world} ranks: it must be at least "
+                              f"{self.world}")
         self.adversarial = self._with_range(adversarial)
         self.reference: list[float] | None = None
         self.reference_se: list[float] | None = None
@@ -115,9 +118,12 @@ class AdaptiveBatchSize(BatchSizeSchedule):
     # --- probe ----------------------------------------------------------------------------------------
     def probe_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The fixed probe set (a seeded draw of ``probe_size`` samples), in micro-batches on the model's
-        device."""
+        device; on several ranks, this rank's contiguous share of it (the operator's data loop sums the
+        shares, so every rank sees the curvature of the whole probe set)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + PROBE_SEED)
         idx = torch.randperm(len(self.data), generator=g)[:self.probe_size]
+        if self.world > 1:
+            idx = torch.tensor_split(idx, self.world)[self.rank]
         mb = self.micro_batch_size or len(idx)
         device = self.device
         return [tuple(t.to(device) for t in self.data.fetch(idx[s:s + mb])) for s in range(0, len(idx), mb)]
@@ -129,12 +135,16 @@ class AdaptiveBatchSize(BatchSizeSchedule):
         from curvopt.linalg.lanczos import lanczos
 
         data = self.probe_batches()
+        model = inner_module(self.model)
+        options = dict(self.curvature_options)
+        if self.world > 1:
+            options.setdefault("process_group", self.process_group)
         eigs, ses, vecs = [], [], []
-        with curvature_pass(self.model):
-            self.model.eval()
-            op = curvopt.curvature(self.curvature, self.model, self.loss_fn, data, **self.curvature_options)
-            ops = ([curvopt.curvature(self.curvature, self.model, self.loss_fn, data,
-                                      params=list(b.param_names), **self.curvature_options) for b in op.blocks]
+        with curvature_pass(model):
+            model.eval()
+            op = curvopt.curvature(self.curvature, model, self.loss_fn, data, **options)
+            ops = ([curvopt.curvature(self.curvature, model, self.loss_fn, data,
+                                      params=list(b.param_names), **options) for b in op.blocks]
                    if self.blockwise else [op])
             for i, o in enumerate(ops):
                 P = o.shape[0]
@@ -219,13 +229,16 @@ class AdaptiveBatchSize(BatchSizeSchedule):
             self.check()
 
     def _transform_batch(self, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        m = int(round(self.adversarial_fraction * len(X)))
+        # the first m samples of the GLOBAL batch are made adversarial: this rank's share holds those of
+        # them that fall in it, so that any number of ranks perturbs the same samples as one process
+        m = int(round(self.adversarial_fraction * self._global_batch)) - self._share_start
+        m = max(0, min(m, len(X)))
         if m == 0:
             return X, y
         X = X.clone()
         device = self.device
-        X[:m] = self.adversarial.perturb(self.model, self.loss_fn, X[:m].to(device), y[:m].to(device),
-                                         micro_batch_size=self.micro_batch_size).to(X.device)
+        X[:m] = self.adversarial.perturb(inner_module(self.model), self.loss_fn, X[:m].to(device),
+                                         y[:m].to(device), micro_batch_size=self.micro_batch_size).to(X.device)
         return X, y
 
     # --- state ----------------------------------------------------------------------------------------

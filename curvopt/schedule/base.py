@@ -10,10 +10,16 @@ The user's loop::
             sched.backward(X, y)     # loss and gradient in micro-batches, exact mean
             optimizer.step()
         sched.step()                 # end of epoch
+
+Data-parallel (torchrun, a ``DistributedDataParallel`` model): every rank builds the schedule on the whole
+dataset with the same seed; ``batch_size`` and ``max_batch_size`` are the global (effective) batch, of which each
+rank gets its contiguous share (``world x`` per-rank batch), and :meth:`backward` weights the shares so that the
+averaged gradient is exactly the global batch's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt import distributed
 from curvopt.curvature.losses import detect_reduction, loss_reduction, loss_terms
 from curvopt.errors import EmptyDataError, OptionError
 
@@ -36,6 +43,14 @@ def lr_factor(ratio: float, scaling: str) -> float:
     if scaling == "sqrt":
         return math.sqrt(ratio)
     return 1.0
+
+
+def inner_module(model: nn.Module) -> nn.Module:
+    """The network inside a ``DistributedDataParallel`` wrapper (the model itself otherwise): probes and FGSM
+    run on it, so that DDP's gradient reducer never fires outside a training step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -100,11 +115,15 @@ class BatchSizeSchedule:
         seed: Seeds the sampler (and the probe set of :class:`AdaptiveBatchSize`).
         drop_last: Drop the short last batch of each epoch (default) or make it a step of its own.
         epochs: Planned number of epochs (needed by schedules that depend on it, e.g. FGSM's fraction).
+        process_group: The ``torch.distributed`` group that shares each batch (default: the default group
+            when one is initialized). With more than one rank the model must be a
+            ``DistributedDataParallel``, whose gradient average :meth:`backward` relies on.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, loss_fn: Any, dataset: Any, *,
                  batch_size: int, max_batch_size: int | None = None, micro_batch_size: int | None = None,
-                 seed: int = 0, drop_last: bool = True, epochs: int | None = None) -> None:
+                 seed: int = 0, drop_last: bool = True, epochs: int | None = None,
+                 process_group: Any = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise OptionError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(model, nn.Module):
@@ -137,6 +156,22 @@ class BatchSizeSchedule:
         self.iterations = 0
         self.history: list[dict[str, Any]] = []
         self._position = 0  # samples of this epoch's permutation already handed out
+        self.process_group = process_group
+        self.world = distributed.world_size(process_group)
+        self.rank = distributed.rank(process_group)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if not isinstance(model, DistributedDataParallel):
+                raise OptionError(
+                    f"{type(self).__name__} runs on {self.world} ranks, so each rank computes the gradient of "
+                    f"its share of a batch only: wrap the model in torch.nn.parallel.DistributedDataParallel "
+                    f"(which averages the gradients), got {type(model).__name__}")
+            if batch_size < self.world:
+                raise OptionError(f"batch_size={batch_size} is the global batch, shared by {self.world} ranks: "
+                                  f"it must be at least {self.world}")
+        # the batch handed out now: its global size and where this rank's share starts in it
+        self._global_batch, self._share_start = 0, 0
 
     @property
     def device(self) -> torch.device:
@@ -202,12 +237,24 @@ class BatchSizeSchedule:
             if self._exhausted():
                 return
             idx = perm[self._position:self._position + b]
-            X, y = self.data.fetch(idx)
+            share = self._share(idx)
+            X, y = self.data.fetch(share)
             X, y = self._transform_batch(X, y)
             self._on_step()
             self._position += len(idx)
             self.iterations += 1
             yield X, y
+
+    def _share(self, idx: torch.Tensor) -> torch.Tensor:
+        """This rank's contiguous share of the global batch ``idx`` (all of it on one rank); the shares of
+        the ranks differ in size by at most one sample."""
+        self._global_batch = len(idx)
+        if self.world == 1:
+            self._share_start = 0
+            return idx
+        sizes = [len(c) for c in torch.tensor_split(idx, self.world)]
+        self._share_start = sum(sizes[:self.rank])
+        return idx[self._share_start:self._share_start + sizes[self.rank]]
 
     def _before_batch(self) -> None:
         """Hook before a batch is drawn (mid-epoch checks); the previous step has been taken."""
@@ -238,39 +285,68 @@ class BatchSizeSchedule:
         one step's statistics). ``X`` and ``y`` may stay on the host: each micro-batch is moved to the
         model's device.
 
+        On several ranks ``X, y`` is this rank's share: the count the mean divides by is summed over the
+        ranks (one scalar all-reduce), each share is weighted by ``world`` times its part of the global
+        count so that DDP's average is the global batch's gradient, only the last micro-batch synchronises
+        (the others run under ``no_sync``), and the returned loss is the global batch's (a second scalar
+        all-reduce).
+
         Returns:
-            The batch's loss (detached scalar), as ``loss_fn`` would give on the whole batch.
+            The batch's loss (detached scalar), as ``loss_fn`` would give on the whole (global) batch.
 
         Raises:
             UnsupportedLossError: for a loss that is neither a mean nor a sum over samples.
         """
         total = len(X)
-        if total == 0:
+        if total == 0 and self.world == 1:
             raise EmptyDataError("sched.backward got an empty batch")
-        mb = self.micro_batch_size or total
+        mb = self.micro_batch_size or max(total, 1)
         device = self.device
         reduction = loss_reduction(self.loss_fn)
         whole = None
         loss_sum = None
-        for start in range(0, total, mb):
+        starts = list(range(0, total, mb)) or [0]
+        for i, start in enumerate(starts):
+            last = i == len(starts) - 1
             # a batch kept on the host goes to the model's device one micro-batch at a time
             Xi, yi = X[start:start + mb].to(device), y[start:start + mb].to(device)
-            out = self.model(Xi)
-            if reduction is None:  # a plain function: tell mean from sum on the first micro-batch
-                reduction = detect_reduction(self.loss_fn, out.detach(), yi)
-            if reduction == "sum":
-                weight = 1.0
-            else:
-                if whole is None:
-                    whole = loss_terms(self.loss_fn, y, total, reduction)
-                part = loss_terms(self.loss_fn, yi, len(yi), reduction)
-                if part == 0 and whole != 0:
-                    continue  # nothing counted here (all targets ignored); its mean would be 0/0
-                weight = part / whole if whole != 0 else len(yi) / total
-            loss = self.loss_fn(out, yi) * weight
-            loss.backward()
+            with self._no_sync(last):
+                out = self.model(Xi)
+                if reduction is None:  # a plain function: tell mean from sum on the first micro-batch
+                    reduction = detect_reduction(self.loss_fn, out.detach(), yi)
+                if reduction == "sum":
+                    weight = 1.0
+                else:
+                    if whole is None:
+                        whole, n_whole = self._global_count(loss_terms(self.loss_fn, y, total, reduction), total)
+                    part = loss_terms(self.loss_fn, yi, len(yi), reduction)
+                    if part == 0 and whole != 0 and not (last and self.world > 1):
+                        continue  # nothing counted here (all targets ignored); its mean would be 0/0
+                    weight = part / whole if whole != 0 else len(yi) / n_whole
+                loss = self.loss_fn(out, yi) * weight
+                if weight == 0:
+                    loss = loss.nan_to_num(0.0, 0.0, 0.0)  # the empty last share still joins DDP's average
+                (loss * self.world if self.world > 1 else loss).backward()
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if self.world > 1:
+            (loss_sum,) = distributed.sum_across([loss_sum.reshape(1)], self.process_group)
+            loss_sum = loss_sum.reshape(())
         return loss_sum
+
+    def _no_sync(self, last: bool) -> Any:
+        """DDP's ``no_sync`` for every micro-batch but the last: one gradient all-reduce per step."""
+        if self.world > 1 and not last:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _global_count(self, local: float, n_local: int) -> tuple[float, int]:
+        """What the mean of the global batch divides by, and its samples (summed over ranks)."""
+        if self.world == 1:
+            return local, n_local
+        counts = torch.tensor([float(local), float(n_local)], dtype=torch.float64, device=self.device)
+        (counts,) = distributed.sum_across([counts], self.process_group)
+        whole, n = counts.tolist()
+        return (int(whole) if whole.is_integer() else whole), int(n)
 
     # --- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
