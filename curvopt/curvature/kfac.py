@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import vjp, vmap
 
 from curvopt.curvature.base import CurvatureOperator, TensorList
+from curvopt.curvature.data_loop import rank_sample_offset
 from curvopt.curvature.kfac_factors import (  # noqa: F401 - re-exported: the per-layer math's old home
     DiagonalBlock,
     KroneckerFactors,
@@ -51,7 +52,7 @@ from curvopt.curvature.kfac_layers import (  # noqa: F401 - re-exported
     layer_output_vectors,
     sample_coupling_norms,
 )
-from curvopt.curvature.losses import LossSpec, loss_spec
+from curvopt.curvature.losses import LossSpec, SampleDraws, loss_spec
 from curvopt.curvature.model_state import curvature_pass
 from curvopt.curvature.registry import register_curvature
 from curvopt.curvature.solve import KRYLOV_METHODS
@@ -97,7 +98,9 @@ class KFACOperator(CurvatureOperator):
             model, seeded with ``seed``) or ``"empirical"`` (the true labels).
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-shared layers.
         mc_samples: Label draws per sample for ``"mc"``.
-        seed: Seed of the label draws (and of train-mode dropout masks, one per batch).
+        seed: Seed of the label draws (keyed by each sample's global index, so that they do not depend
+            on the batching or on the ranks of a process group), and of train-mode dropout masks, one per
+            batch.
         **options: As for :class:`~curvopt.curvature.base.CurvatureOperator`.
 
     What each layer gets:
@@ -147,6 +150,8 @@ class KFACOperator(CurvatureOperator):
         self.layers, self.diagonal_params = self._find_layers()
         self.diagonal: dict[int, torch.Tensor] = {}
         self._factor_versions: Any = None
+        self._rank_offset: int | None = None  # "mc": global index of this rank's first draw unit, found once
+        self._units_seen = 0
         if self.diagonal_params:
             names = ", ".join(self.param_names[i] for i in self.diagonal_params)
             warnings.warn(f"kfac: no Kronecker structure for {names}; they get a diagonal block "
@@ -232,7 +237,24 @@ class KFACOperator(CurvatureOperator):
             X, y = self._to_model(X), self._to_model(y)
             return self._batch_factors(index, X, y)
 
-        return self._accumulate(product, self.data)
+        if self.fisher_type == "mc" and self._rank_offset is None:  # a collective: once, before the pass
+            self._rank_offset = rank_sample_offset(
+                self.data, self.process_group, lambda X, y: self.spec.draw_units(self._to_model(y)))
+        self._units_seen = 0  # the pass visits the batches in order: a running count keys the draws
+        return self._accumulate(product, self.data, zeros=self._factor_zeros)
+
+    def _factor_zeros(self) -> TensorList:
+        """Zeros shaped like :meth:`_factor_pass`'s results: what a rank without samples contributes to the
+        pass's one collective."""
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=self.statistics_dtype, device=self.device)
+
+        parts = []
+        for layer in self.layers:
+            d_in = layer.module.weight[0].numel() + (layer.bias is not None)
+            parts += [zeros(d_in, d_in), zeros(layer.module.weight.shape[0], layer.module.weight.shape[0])]
+        parts += [zeros(*self._params[i].shape) for i in self.diagonal_params]
+        return [*parts, zeros(len(self.layers)), zeros()]
 
     def _batch_factors(self, index: int, X: Any, y: torch.Tensor) -> tuple[torch.Tensor, TensorList]:
         captured: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
@@ -414,9 +436,11 @@ class KFACOperator(CurvatureOperator):
             return self.spec.hessian_sqrt(out, y=y), 1.0
         if self.fisher_type == "empirical":
             return self.spec.gradients(out, y).unsqueeze(0), 1.0
-        g = torch.Generator(device=out.device)
-        g.manual_seed(self.seed * 1_000_003 + index)
-        return self.spec.sampled_gradients(out, self.mc_samples, g, y=y), 1.0 / self.mc_samples
+        # keyed by the global sample index: the same labels whatever the batching, and ranks holding
+        # shards of the data (in rank order) reproduce one process on all of it
+        draws = SampleDraws(self.seed, self._rank_offset + self._units_seen)
+        self._units_seen += self.spec.draw_units(y)
+        return self.spec.sampled_gradients(out, self.mc_samples, draws, y=y), 1.0 / self.mc_samples
 
     # ------------------------------------------------------------------ products
     def _matrices(self, layer: KroneckerBlock, V: TensorList) -> torch.Tensor:
