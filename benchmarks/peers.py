@@ -25,10 +25,17 @@ a network in training) and evaluated in ``eval()`` mode. Tasks (``--tasks``):
   1e-3 in its own terms (curvopt's and PyHessian's default ``tol=1e-3``, scipy ``eigsh(tol=1e-3)`` on
   curvlinops' operator; hessian-eigenthings' Lanczos has no tolerance, only ``max_iter``, default ``2k``) and is
   tightened along a ladder until it reaches 1e-3 at a fixed seed; the row names the setting used.
-* ``trace``: Hutch++/Hutchinson to 2%: the smallest probe budget of a ladder reaching 2% at a fixed seed
-  (oracle stop), for curvopt (Hutch++, default), PyHessian (Hutchinson), hessian-eigenthings (Hutch++) and
-  curvlinops (Hutch++); BackPACK's exact ``DiagHessian`` where it supports the model. Per layer: curvopt's
-  ``per_block=True`` from the same probes, its time as a multiple of the whole trace's.
+* ``trace``: trace to 2% RMSE. Every library's estimators (curvopt Hutchinson and Hutch++, PyHessian's
+  Hutchinson, hessian-eigenthings' Hutchinson and Hutch++, curvlinops' Hutchinson, Hutch++ and XTrace) at equal
+  budgets of products (12, 24, 48, 96, 192), the RMSE of the relative error over ``--trace-seeds`` seeds (10),
+  the smallest budget reaching 2% RMSE, timed there with the library's own operator (interleaved rounds).
+  Hutchinson's estimate is a mean of independent probes, so its mean squared error is exactly sigma^2 / n: its
+  RMSE is measured at 48 products and the budget of 2% scaled from it (its time too). The
+  seeds' estimates run each library's own estimator code and random draws on one shared cached curvopt
+  Hessian (products equal to each library's own to ~1e-6, as the products row checks): ten seeds per budget
+  would otherwise cost more than the rest of the benchmark. BackPACK's exact ``DiagHessian`` where it supports
+  the model. Per layer: curvopt's ``per_block=True`` from the same probes, its time as a multiple of the whole
+  trace's.
 * ``density``: spectral density by SLQ at equal probes and Lanczos steps (curvopt, PyHessian -- through a
   ``torch.eig`` shim, removed in torch 2 --, hessian-eigenthings).
 * ``kfac``: a K-FAC step at equal schedule (factors every 10 steps, inverses every 100, amortized over 100
@@ -91,6 +98,7 @@ TASKS = ("products", "eig1", "eig5", "trace", "density", "kfac", "memory")
 MODEL_LABELS = {"mlp": "MLP 40-256-256-10", "cnn": "CNN Conv1d", "transformer": "Transformer"}
 EIG_TOL, TRACE_TOL, PRODUCT_TOL = 1e-3, 2e-2, 1e-3
 KFAC_STEP = "K-FAC step (factors every 10, inverses every 100)"
+KFAC_EQUAL = "K-FAC step, equal work (kfac-pytorch's layers only, same schedule)"
 DENSE_MAX = 3000  # largest P whose dense float64 Hessian the reference builds
 
 # What each library offers (not measured): the README's feature rows.
@@ -640,72 +648,181 @@ def wrong_status(ctx: Ctx, lib: str) -> str | None:
     return f"WRONG ({ctx.wrong[lib]})" if lib in ctx.wrong else None
 
 
+class _SharedProducts:
+    """Products of one cached curvopt Hessian, in the shapes each library's estimator asks for. The error
+    statistics of every library's trace estimator run on it: the estimators' own code and random draws,
+    with products equal to the library's own to ~1e-6 (the products row checks each library's), at the
+    cost of a cached product, so that ten seeds per budget fit in the run. Times come from each
+    library's own operator (see :func:`task_trace`)."""
+
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
+        self.op = curvopt.curvature("hessian", ctx.model, ctx.loss_fn, ctx.batches, cache=True)
+        self.shape, self.device, self.dtype = tuple(self.op.shape), self.op.device, self.op.dtype
+
+    def __matmul__(self, V: torch.Tensor) -> torch.Tensor:  # curvlinops' estimators: A @ [P] or [P, k]
+        return self.op @ V
+
+    def flat(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:  # PyHessian's dataloader_hv_product
+        out = self.op @ flat_list(vs)
+        return [c.view_as(p) for c, p in zip(out.split([p.numel() for p in self.ctx.params]), self.ctx.params)]
+
+    def he(self) -> Any:
+        import hessian_eigenthings as he
+        shared = self
+
+        class Op(he.CurvatureOperator):
+            size = property(lambda self: shared.shape[0])
+            device = property(lambda self: shared.device)
+            dtype = property(lambda self: shared.dtype)
+
+            def matvec(self, v: torch.Tensor) -> torch.Tensor:
+                return shared.op @ v
+        return Op()
+
+
+def trace_estimators(ctx: Ctx) -> dict[str, tuple[str, Callable[[Any, int, int], float]]]:
+    """``{key: (lib, estimate(products, n, seed))}``: each library's trace estimators, ``products`` either
+    the library's own operator (``None``) or a :class:`_SharedProducts`."""
+    m, b, lf = ctx.model, ctx.batches, ctx.loss_fn
+    out: dict[str, tuple[str, Callable]] = {}
+    for method in ("hutchinson", "hutchpp"):
+        def ours(shared, n, seed, method=method):
+            op = shared.op if shared is not None else curvopt.curvature("hessian", m, lf, b)
+            return curvopt.trace(op, n, method=method, seed=seed).value
+        out[f"curvopt {method}"] = ("curvopt", ours)
+    if ctx.ok("pyhessian"):
+        ph = ctx.pyhessian()
+
+        def pyh(shared, n, seed):
+            own = ph.dataloader_hv_product
+            if shared is not None:  # an instance attribute shadows the method for this call only
+                ph.dataloader_hv_product = lambda vs: (None, shared.flat(vs))
+            try:
+                torch.manual_seed(seed)
+                with math_attention(m):
+                    return float(sum(ph.trace(maxIter=n, tol=0.0)) / n)
+            finally:
+                if shared is not None:
+                    del ph.dataloader_hv_product
+                    assert ph.dataloader_hv_product == own
+                ctx.clear_grads()
+        out["pyhessian hutchinson"] = ("pyhessian", pyh)
+    if ctx.ok("hessian_eigenthings"):
+        import hessian_eigenthings as he
+
+        def he_pp(shared, n, seed):
+            op = shared.he() if shared is not None else ctx.he("hessian")
+            with math_attention(m):
+                return float(he.hutch_plus_plus(op, num_matvecs=n, seed=seed).estimate)
+
+        def he_h(shared, n, seed):
+            op = shared.he() if shared is not None else ctx.he("hessian")
+            with math_attention(m):
+                return float(he.hutchinson(op, num_samples=n, seed=seed).estimate)
+        out["hessian_eigenthings hutchpp"] = ("hessian_eigenthings", he_pp)
+        out["hessian_eigenthings hutchinson"] = ("hessian_eigenthings", he_h)
+    if ctx.ok("curvlinops"):
+        import curvlinops
+        for name, fn in (("hutchinson", curvlinops.hutchinson_trace), ("hutchpp", curvlinops.hutchpp_trace),
+                         ("xtrace", curvlinops.xtrace)):
+            def cl(shared, n, seed, fn=fn):
+                A = shared if shared is not None else ctx.curvlinops("hessian")
+                torch.manual_seed(seed)
+                with math_attention(m):
+                    return float(fn(A, n))
+            out[f"curvlinops {name}"] = ("curvlinops", cl)
+    return out
+
+
+TRACE_TASK = "trace to 2% RMSE (each library's fastest estimator)"
+
+
+def trace_task(key: str) -> str:
+    """The task of one estimator's row, e.g. ``"trace to 2% RMSE: hutchpp"``."""
+    return f"trace to 2% RMSE: {key.split(' ')[1]}"
+
+
+#: Products of the one budget at which each Hutchinson estimator's RMSE is measured.
+HUTCHINSON_BUDGET, HUTCHINSON_BUDGET_QUICK = 48, 24
+
+
+def trace_budgets(quick: bool) -> list[int]:
+    """Product budgets of the Hutch++/XTrace ladder (multiples of 3 for Hutch++, of 6 for XTrace, as the peers
+    require); the ladder stops at the first budget of 2% RMSE."""
+    return [12, 24, 48, 96, 192]
+
+
 def task_trace(ctx: Ctx) -> list[dict]:
-    """Trace to 2% (smallest budget of a ladder, oracle stop at one seed) and per-layer traces."""
+    """Trace to 2% RMSE: each library's estimators at equal budgets of products, RMSE of the relative error
+    over ``--trace-seeds`` seeds, the smallest budget of the ladder reaching 2%, timed there with the library's
+    own operator (interleaved rounds); per-layer traces."""
     op = curvopt.curvature("hessian", ctx.model, ctx.loss_fn, ctx.batches)
     blocks = {blk.name: list(blk.param_names) for blk in op.blocks}
     ref, ref_err, ref_blocks = ctx.ref.trace(blocks)
     rows: list[dict] = []
-    budgets = [6, 12, 24, 48, 96] if ctx.args.quick else [12, 24, 48, 96, 192, 384]
-    makers: dict[str, Callable[[int], Callable[[], float]]] = {
-        "curvopt": lambda n: lambda: curvopt.trace(
-            curvopt.curvature("hessian", ctx.model, ctx.loss_fn, ctx.batches), n, seed=0).value}
-    methods = {"curvopt": "Hutch++ (default)"}
-    if ctx.ok("pyhessian"):
-        ph = ctx.pyhessian()
-
-        def pyh(n):
-            def run():
-                torch.manual_seed(0)
-                out = float(sum(ph.trace(maxIter=n, tol=0.0)) / n)
-                ctx.clear_grads()
-                return out
-            return ctx.peer(run)
-        makers["pyhessian"], methods["pyhessian"] = pyh, "Hutchinson"
-    if ctx.ok("hessian_eigenthings"):
-        import hessian_eigenthings as he
-        heop = ctx.he("hessian")
-        makers["hessian_eigenthings"] = lambda n: ctx.peer(lambda: he.hutch_plus_plus(heop, num_matvecs=n,
-                                                                                        seed=0).estimate)
-        methods["hessian_eigenthings"] = "Hutch++"
-    if ctx.ok("curvlinops"):
-        from curvlinops import hutchpp_trace
-        H = ctx.curvlinops("hessian")
-
-        def clt(n):
-            def run():
-                torch.manual_seed(0)
-                return float(hutchpp_trace(H, n))
-            return ctx.peer(run)
-        makers["curvlinops"], methods["curvlinops"] = clt, "Hutch++"
-    found: dict[str, tuple[int, float, float]] = {}  # lib -> (budget, seconds, error)
-    for lib in [lib for lib in makers if lib in ctx.wrong]:
-        rows.append(row("trace to 2%", ctx.name, lib, status=wrong_status(ctx, lib)))
-        del makers[lib]
-    pending = dict(makers)
-    for n in budgets:  # the ladder interleaved across libraries
-        for lib in list(pending):
-            try:
-                secs, est = interleaved({lib: pending[lib](n)}, 1, ctx.device)[lib]
-            except Exception as e:
-                rows.append(row("trace to 2%", ctx.name, lib, status=failure(e)))
-                del pending[lib]
-                continue
-            err = abs(est / ref - 1)
-            if err <= TRACE_TOL:
-                found[lib] = (n, secs, err)
-                del pending[lib]
-    for lib in pending:
-        rows.append(row("trace to 2%", ctx.name, lib, status=f"not reached within {budgets[-1]} products"))
-    if ctx.args.rounds > 1 and found:  # more rounds of the found budgets, side by side
-        timed = interleaved({lib: makers[lib](n) for lib, (n, _, _) in found.items()}, ctx.args.rounds - 1,
-                            ctx.device, {lib: (secs, ref * (1 + err)) for lib, (_, secs, err) in found.items()})
-        found = {lib: (n, timed[lib][0], abs(timed[lib][1] / ref - 1)) for lib, (n, _, _) in found.items()}
-    for lib, (n, secs, err) in found.items():
-        rows.append(row("trace to 2%", ctx.name, lib, setting=f"{methods[lib]}, {n} products", seconds=secs,
-                        error=err, status=wrong_status(ctx, lib)))
+    seeds = range(ctx.args.trace_seeds)
+    shared = _SharedProducts(ctx)
+    shared.op @ torch.zeros(ctx.P, device=ctx.device)  # the cache is built once
+    estimators = trace_estimators(ctx)
+    found: dict[str, tuple[int, float]] = {}  # key -> (budget, rmse)
+    tried_rmse: dict[str, float] = {}  # Hutchinson: the RMSE measured at its one budget
+    for key, (lib, est) in list(estimators.items()):
+        if lib in ctx.wrong:
+            rows.append(row(trace_task(key), ctx.name, lib, status=wrong_status(ctx, lib)))
+            del estimators[key]
+            continue
+        tried = []
+        try:
+            if key.endswith("hutchinson"):
+                # a mean of independent probes: its mean squared error is exactly sigma^2 / n, so one budget's
+                # RMSE over the seeds gives the budget of 2% RMSE (rounded up to whole probes) without a ladder
+                n0 = HUTCHINSON_BUDGET_QUICK if ctx.args.quick else HUTCHINSON_BUDGET
+                errs = [est(shared, n0, s) / ref - 1 for s in seeds]
+                rmse0 = math.sqrt(sum(e * e for e in errs) / len(errs))
+                n = max(1, math.ceil(n0 * (rmse0 / TRACE_TOL) ** 2))
+                tried.append((n0, rmse0))
+                tried_rmse[key] = rmse0
+                found[key] = (n, rmse0 * math.sqrt(n0 / n))
+            for n in [] if key in found else trace_budgets(ctx.args.quick):
+                errs = [est(shared, n, s) / ref - 1 for s in seeds]
+                rmse = math.sqrt(sum(e * e for e in errs) / len(errs))
+                tried.append((n, rmse))
+                if rmse <= TRACE_TOL:
+                    found[key] = (n, rmse)
+                    break
+        except Exception as e:  # a peer failing on this model
+            rows.append(row(trace_task(key), ctx.name, lib, status=failure(e)))
+            del estimators[key]
+            continue
+        if key not in found:
+            n, rmse = tried[-1]
+            # RMSE falls as 1 / sqrt(products) for Hutchinson (faster for Hutch++): an upper bound on the need
+            rows.append(row(trace_task(key), ctx.name, lib, tried=tried,
+                            status=f"not reached: RMSE {rmse:.1%} at {n} products "
+                                   f"(~{n * (rmse / TRACE_TOL) ** 2:.0f} needed at 1/sqrt(n))"))
+    budget = {key: (HUTCHINSON_BUDGET_QUICK if ctx.args.quick else HUTCHINSON_BUDGET)
+              if key.endswith("hutchinson") else n for key, (n, _) in found.items()}
+    timed = interleaved({key: (lambda est=estimators[key][1], n=budget[key]: est(None, n, 0))
+                         for key in found}, ctx.args.rounds, ctx.device)
+    fastest: dict[str, dict] = {}
+    for key, (n, rmse) in found.items():
+        lib = estimators[key][0]
+        secs, setting = timed[key][0], f"{n} products"
+        if key.endswith("hutchinson"):  # timed at the measured budget, scaled to the budget of 2% RMSE
+            n0 = HUTCHINSON_BUDGET_QUICK if ctx.args.quick else HUTCHINSON_BUDGET
+            secs, setting = secs * n / n0, f"{n} products (RMSE {tried_rmse[key]:.1%} at {n0}, x sqrt({n0}/{n}))"
+        r = row(trace_task(key), ctx.name, lib, setting=setting, seconds=secs, error=rmse,
+                seconds_per_product=secs / n, status=wrong_status(ctx, lib))
+        rows.append(r)
+        if lib not in fastest or secs < fastest[lib]["seconds"]:
+            fastest[lib] = dict(r, task=TRACE_TASK, setting=f"{key.split(' ')[1]}, {n} products")
+    rows += list(fastest.values())
+    for lib in {lib for lib, _ in estimators.values()} - set(fastest):
+        rows.append(row(TRACE_TASK, ctx.name, lib, status=f"not reached within {trace_budgets(ctx.args.quick)[-1]}"
+                        " products"))
     # per layer: curvopt's per_block against its whole trace, same probes; BackPACK's exact diagonal
-    n = found.get("curvopt", (budgets[-1],))[0]
+    n = found.get("curvopt hutchpp", (trace_budgets(ctx.args.quick)[-1],))[0]
     fns = {"whole": lambda: curvopt.trace(op, n, seed=0),
            "per_block": lambda: curvopt.trace(op, n, per_block=True, seed=0)}
     timed = interleaved(fns, ctx.args.rounds, ctx.device)
@@ -719,15 +836,15 @@ def task_trace(ctx: Ctx) -> list[dict]:
         secs, d = interleaved({"backpack": lambda: backpack_diag_hessian(ctx.model, ctx.loss_fn, b64)},
                               ctx.args.rounds, ctx.device)["backpack"]
         if d is None:
-            rows.append(row("trace to 2%", ctx.name, "backpack", status="unsupported (a layer BackPACK lacks)"))
+            rows.append(row(TRACE_TASK, ctx.name, "backpack", status="unsupported (a layer BackPACK lacks)"))
         else:
-            rows.append(row("trace to 2%", ctx.name, "backpack", setting="exact DiagHessian (also per layer)",
+            rows.append(row(TRACE_TASK, ctx.name, "backpack", setting="exact DiagHessian (also per layer)",
                             seconds=secs, error=abs(float(d.sum()) / ref - 1)))
     else:
-        rows.append(row("trace to 2%", ctx.name, "backpack", status=ctx.status["backpack"]))
+        rows.append(row(TRACE_TASK, ctx.name, "backpack", status=ctx.status["backpack"]))
     for r in rows:
         r.update(reference=ref, reference_stderr=ref_err, reference_method=ctx.ref.trace_method)
-    return rows + missing_rows("trace to 2%", ctx, ("curvlinops", "hessian_eigenthings", "pyhessian"))
+    return rows + missing_rows(TRACE_TASK, ctx, ("curvlinops", "hessian_eigenthings", "pyhessian"))
 
 
 def _torch_eig_shim(T: torch.Tensor, eigenvectors: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -809,16 +926,38 @@ def kfac_schedule_kwargs() -> dict[str, Any] | None:
     return None
 
 
-def make_kfac(lib: str, model: nn.Module, lr: float) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], Any]:
-    """One training step ``step(X, y) -> loss`` of ``lib``'s K-FAC at the equal schedule, and its closer."""
+#: The layer types kfac-pytorch preconditions (its ``kfac.layers.register.KNOWN_MODULES``: linear, conv2d); the
+#: parameters of every other layer it leaves to the plain optimizer.
+KFAC_PYTORCH_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def kfac_pytorch_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(parameters of the layers kfac-pytorch preconditions, the others)``."""
+    theirs = {id(p) for m in model.modules() if isinstance(m, KFAC_PYTORCH_LAYERS) for p in m.parameters()}
+    params = list(model.parameters())
+    return [p for p in params if id(p) in theirs], [p for p in params if id(p) not in theirs]
+
+
+def make_kfac(lib: str, model: nn.Module, lr: float,
+              equal_work: bool = False) -> tuple[Callable[[torch.Tensor, torch.Tensor], float], Any]:
+    """One training step ``step(X, y) -> loss`` of ``lib``'s K-FAC at the equal schedule, and its closer.
+
+    ``equal_work`` (curvopt): K-FAC on the parameters kfac-pytorch preconditions only, the others with
+    kfac-pytorch's plain SGD (momentum 0.9), so that both do the same work on a model with layers it lacks."""
     if lib == "curvopt":
-        opt = curvopt.KFAC(model.parameters(), lr=lr, **kfac_schedule_kwargs())
+        kfac_params, rest = kfac_pytorch_split(model) if equal_work else (list(model.parameters()), [])
+        opt = curvopt.KFAC(kfac_params, lr=lr, **kfac_schedule_kwargs())
+        plain = torch.optim.SGD(rest, lr=lr, momentum=0.9) if rest else None
 
         def step(X, y):
             opt.zero_grad()
+            if plain is not None:
+                plain.zero_grad()
             loss = nn.functional.cross_entropy(model(X), y)
             loss.backward()
             opt.step()
+            if plain is not None:
+                plain.step()
             return loss
         return step, opt
     from kfac.preconditioner import KFACPreconditioner
@@ -853,11 +992,15 @@ def kfac_step_times(status: dict, args: Any, device: torch.device) -> list[dict]
     for label, builder, data, bs in cases:
         batches = [(X.to(device), y.to(device)) for X, y in data.batches(bs)][:max(1, len(data.y_train) // bs)]
         runners = {}
-        for lib in libs:
+        # where kfac-pytorch leaves layers to plain SGD (a Conv1d), curvopt does more work: also time curvopt
+        # on kfac-pytorch's layers only, the rest with the same SGD
+        unequal = bool(kfac_pytorch_split(builder())[1])
+        variants = libs + (["curvopt (equal work)"] if unequal and "kfac_pytorch" in libs else [])
+        for lib in variants:
             torch.manual_seed(0)
             model = builder().to(device)
             try:
-                step, _ = make_kfac(lib, model, 0.01)
+                step, _ = make_kfac(lib.split(" ")[0], model, 0.01, equal_work=lib.endswith("(equal work)"))
                 for i in range(steps):  # one window of warm-up (curvopt inverts more often in its first)
                     step(*batches[i % len(batches)])
             except Exception as e:
@@ -869,9 +1012,17 @@ def kfac_step_times(status: dict, args: Any, device: torch.device) -> list[dict]
                     X, y = batches[i % len(batches)]
                     step(X, y)
             runners[lib] = run
-        for lib, (secs, _) in interleaved(runners, args.rounds, device).items():
-            note = "Linear layers only: it has no Conv1d" if lib == "kfac_pytorch" and "Conv1d" in label else None
+        timed = interleaved(runners, args.rounds, device)
+        for lib, (secs, _) in timed.items():
+            if lib == "curvopt (equal work)":
+                continue
+            note = ("full work: it preconditions the Linear and Conv2d layers only, plain SGD for the rest"
+                    if lib == "kfac_pytorch" and unequal else None)
             rows.append(row(KFAC_STEP, label, lib, seconds=secs / steps, setting=note))
+            if lib == "kfac_pytorch" and "curvopt (equal work)" in runners:  # the equal-work pair: its own task
+                rows.append(row(KFAC_EQUAL, label, "kfac_pytorch", seconds=secs / steps))
+                rows.append(row(KFAC_EQUAL, label, "curvopt", seconds=timed["curvopt (equal work)"][0] / steps,
+                                setting="K-FAC on kfac-pytorch's layers, SGD for the rest"))
         if status["kfac_pytorch"] is not None:
             rows.append(row(KFAC_STEP, label, "kfac_pytorch", status=status["kfac_pytorch"]))
     return rows
@@ -1101,6 +1252,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="samples for the transformer (its products cost several times the MLP's)")
     parser.add_argument("--reference-probes", type=int, default=90,
                         help="float64 Hutch++ probes of the trace reference where no exact diagonal is known")
+    parser.add_argument("--trace-seeds", type=int, default=10,
+                        help="seeds per budget of the trace task's RMSE (--quick: at most 3)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default=None, help="directory for peers.json and peers.md")
     args = parser.parse_args(argv)
@@ -1115,6 +1268,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.rounds = min(args.rounds, 1)
         args.reference_probes = min(args.reference_probes, 30)
+        args.trace_seeds = min(args.trace_seeds, 3)
     device = torch.device(args.device)
     before = torch.get_num_threads()
     torch.set_num_threads(args.threads)

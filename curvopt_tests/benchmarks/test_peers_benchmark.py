@@ -1,6 +1,7 @@
 """The peers benchmark: its float64 reference is right, ``--quick`` runs with no peer installed, and (optional)
 the peer rows are filled and flag a wrong answer when the peers are installed."""
 
+import argparse
 import importlib.util
 import json
 
@@ -119,8 +120,9 @@ def test_quick_without_peers(peers, monkeypatch, capsys):
     rows = out["rows"]
     ours = [r for r in rows if r["lib"] == "curvopt"]
     tasks = {r["task"] for r in ours}
-    assert {"Hessian-vector", "GGN-vector", "Hessian matmat, 16 columns", "top-1 eigenvalues", "trace to 2%",
-            "trace per layer", "spectral density", peers.KFAC_STEP, "K-FAC accuracy"} <= tasks
+    assert {"Hessian-vector", "GGN-vector", "Hessian matmat, 16 columns", "top-1 eigenvalues", peers.TRACE_TASK,
+            "trace to 2% RMSE: hutchinson", "trace to 2% RMSE: hutchpp", "trace per layer", "spectral density",
+            peers.KFAC_STEP, "K-FAC accuracy"} <= tasks
     for r in ours:
         assert not r.get("status"), r
     for r in ours:
@@ -172,3 +174,56 @@ def test_quick_with_the_installed_peers(peers):
         eig = [r for r in rows if r["lib"] == "curvlinops" and r["model"] == "transformer"
                and r["task"] == "top-1 eigenvalues"]
         assert eig and (eig[0].get("status") or "").startswith(("WRONG", "not reached")) and "ratio" not in eig[0]
+
+
+def _trace_ctx(peers, status):
+    torch.manual_seed(0)
+    model = peers.build_model("mlp", True).eval()
+    batches = [(torch.randn(20, 40), torch.randint(0, 10, (20,))) for _ in range(2)]
+    args = argparse.Namespace(quick=True, rounds=1, reference_probes=3, trace_seeds=2)
+    return peers.Ctx("mlp", model, batches, status, args, torch.device("cpu"))
+
+
+def test_trace_estimators_on_the_shared_products_equal_their_own(peers):
+    """The trace task's seeds run each estimator on one shared cached operator: the same estimate, seed for
+    seed, as on the library's own operator (here curvopt's; the peers' in the optional test below)."""
+    ctx = _trace_ctx(peers, {lib: None if lib == "curvopt" else "not installed" for lib in peers.LIBS})
+    shared = peers._SharedProducts(ctx)
+    for key, (_lib, est) in peers.trace_estimators(ctx).items():
+        for seed in (0, 1):
+            assert est(shared, 12, seed) == pytest.approx(est(None, 12, seed), rel=1e-5), (key, seed)
+
+
+@pytest.mark.optional
+def test_peer_trace_estimators_on_the_shared_products_equal_their_own(peers):
+    status = peers.peer_status(None)
+    if all(status[lib] is not None for lib in PEERS):
+        pytest.skip("no peer installed (see benchmarks/peers.py for the pip line)")
+    ctx = _trace_ctx(peers, status)
+    shared = peers._SharedProducts(ctx)
+    for key, (lib, est) in peers.trace_estimators(ctx).items():
+        if lib != "curvopt":
+            assert est(shared, 12, 3) == pytest.approx(est(None, 12, 3), rel=1e-4), key
+
+
+def test_kfac_equal_work_leaves_the_layers_kfac_pytorch_lacks_to_plain_sgd(peers):
+    """On the Conv1d CNN kfac-pytorch preconditions the Linear layers only: the equal-work curvopt step gives
+    the Conv1d parameters exactly SGD's (momentum 0.9) update, and K-FAC's to the Linear ones."""
+    torch.manual_seed(0)
+    model = peers.build_model("cnn", True)
+    theirs, rest = peers.kfac_pytorch_split(model)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv1d)]
+    assert convs and {id(p) for m in convs for p in m.parameters()} <= {id(p) for p in rest}
+    assert theirs and all(id(p) not in {id(q) for q in rest} for p in theirs)
+    twin = peers.build_model("cnn", True)
+    twin.load_state_dict(model.state_dict())
+    X, y = torch.randn(16, 40), torch.randint(0, 10, (16,))
+    step, _ = peers.make_kfac("curvopt", model, 0.05, equal_work=True)
+    step(X, y)
+    sgd = torch.optim.SGD(peers.kfac_pytorch_split(twin)[1], lr=0.05, momentum=0.9)
+    nn.functional.cross_entropy(twin(X), y).backward()
+    sgd.step()
+    for p, q in zip(rest, peers.kfac_pytorch_split(twin)[1]):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    moved = [not torch.equal(p, q) for p, q in zip(theirs, peers.kfac_pytorch_split(twin)[0])]
+    assert all(moved)  # the K-FAC layers took a step (SGD on the twin left them alone)
