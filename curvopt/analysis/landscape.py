@@ -144,7 +144,8 @@ def loss_landscape(
                 return loss, [loss.reshape(1)]
 
             return float(accumulate(product, data, reduction=reduction, progress=progress,
-                                    weight=lambda X, y, n: loss_terms(loss_fn, y, n, reduction))[0])
+                                    weight=lambda X, y, n: loss_terms(loss_fn, y, n, reduction),
+                                    zeros=lambda: [base[0].new_zeros(1)])[0])
 
         if len(dirs) == 1:
             losses = torch.tensor([loss_at(float(a) * dirs[0]) for a in coords], dtype=torch.float64)

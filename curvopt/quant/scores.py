@@ -111,7 +111,12 @@ def dataset_loss(model: nn.Module, loss_fn: Any, data: Any, reduction: str | Non
         return loss, [loss.detach().double().reshape(1)]
 
     return float(accumulate(product, data, reduction=reduction,
-                            weight=lambda X, y, n: loss_terms(loss_fn, y, n, reduction))[0])
+                            weight=lambda X, y, n: loss_terms(loss_fn, y, n, reduction),
+                            zeros=lambda: [torch.zeros(1, dtype=torch.float64, device=_device(model))])[0])
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(iter(model.parameters()), torch.empty(0)).device
 
 
 def measured_increases(model: nn.Module, loss_fn: Any, data: Any, modules: Sequence[str],
@@ -183,9 +188,14 @@ def input_moments(model: nn.Module, loss_fn: Any, data: Any, modules: dict[str, 
         ran.update(n for n in names if captured[n])
         return loss, [moment(n) for n in names]
 
+    def zeros() -> list[torch.Tensor]:  # a rank without samples still takes part in the one collective
+        for xs in captured.values():
+            xs.clear()
+        return [moment(n) for n in names]
+
     try:
         # weighted by samples: the mean over every sample's rows, as K-FAC's A
-        moments = accumulate(product, data, reduction="mean", progress=progress)
+        moments = accumulate(product, data, reduction="mean", progress=progress, zeros=zeros)
     finally:
         for h in hooks:
             h.remove()

@@ -1,5 +1,6 @@
 """Estimators under a process group: the same probes on every rank (whatever each rank's global random
-state), so every rank gets bitwise the same result, equal to one process on all the data."""
+state), so every rank gets bitwise the same result, equal to one process on all the data. The data-only
+sensitivity scores (GPTQ's input moments, measured loss increases) go through the same data loop."""
 
 import dataclasses
 
@@ -32,7 +33,11 @@ def _estimates(model, data):
     report = curvopt.sensitivity(model, data, nn.CrossEntropyLoss(), probes=16, top_eigenvalue=True)
     layers = {layer.name: {k: v for k, v in dataclasses.asdict(layer).items() if isinstance(v, float)}
               for layer in report.layers}
+    gptq = curvopt.sensitivity(model, data, nn.CrossEntropyLoss(), score="gptq", probes=0)
+    measured = curvopt.sensitivity(model, data, nn.CrossEntropyLoss(), score="measured", probes=0)
     return {
+        "gptq": gptq.input_moments,
+        "measured": (measured.full_precision_loss, {layer.name: layer.measured_raw for layer in measured.layers}),
         "top": top.eigenvalues,
         "trace": (tr.value, tr.stderr, tr.blocks),
         "density": (grid, density),
