@@ -11,8 +11,6 @@ import curvopt
 from curvopt import distributed
 from curvopt_tests.distributed_harness import run_ranks
 
-pytestmark = pytest.mark.distributed
-
 N = 11
 #: Per world size, each rank's (start, stop, batch size): unequal shards, unequal batch counts.
 SHARDS = {2: [(0, 7, 3), (7, 11, 4)], 3: [(0, 5, 2), (5, 8, 3), (8, 11, 2)]}
@@ -70,10 +68,12 @@ def _check_operators(world):
             assert counts == ([0, 0] if name == "kfac" else [1, 1]), (name, counts)
 
 
+@pytest.mark.distributed
 def test_every_backend_on_two_ranks_equals_one_process_on_all_data():
     _check_operators(2)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_every_backend_on_three_ranks_equals_one_process_on_all_data():
     _check_operators(3)
@@ -109,6 +109,7 @@ def _failures(rank, world):
     return out
 
 
+@pytest.mark.distributed
 def test_a_failure_on_one_rank_is_raised_on_every_rank():
     r0, r1 = run_ranks(_failures, 2, timeout=180)
     for name in ("hessian", "ggn", "fisher", "kfac"):
@@ -141,6 +142,7 @@ def _ddp(rank, world):
     return out
 
 
+@pytest.mark.distributed
 def test_a_ddp_wrapped_model_works_and_its_reducer_stays_out_of_the_passes():
     r0, r1 = run_ranks(_ddp, 2, timeout=120)
     model, X, y = _problem()
@@ -164,3 +166,27 @@ def test_an_fsdp_sharded_model_is_refused_with_the_reason():
     with pytest.raises(curvopt.errors.UnsupportedModuleError, match=r"module '2' \(FSDPLinear\).*pytorch#172543"):
         curvopt.curvature("ggn", model, nn.CrossEntropyLoss(), (X, y))
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("loss", ["ce", "ce_padded", "mse", "bce"])
+def test_fisher_labels_do_not_depend_on_batching(loss):
+    """Keyed by the global sample index (by the counted target for cross entropy), the Monte-Carlo labels
+    of a sample are the same whatever batch it sits in: what lets ranks reproduce one process."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    X = torch.randn(9, 3, dtype=torch.float64)
+    if loss.startswith("ce"):
+        loss_fn, y = nn.CrossEntropyLoss(), torch.randint(0, 3, (9,))
+    elif loss == "mse":
+        loss_fn, y = nn.MSELoss(), torch.randn(9, 3, dtype=torch.float64)
+    else:
+        loss_fn, y = nn.BCEWithLogitsLoss(), torch.rand(9, 3, dtype=torch.float64).round()
+    whole = curvopt.curvature("fisher", model, loss_fn, (X, y), mc_samples=3).to_dense()
+    batches = [(X[:2], y[:2]), (X[2:7], y[2:7]), (X[7:], y[7:])]
+    if loss == "ce_padded":  # padding in the middle of a batch takes no draw
+        pad = (torch.randn(2, 3, dtype=torch.float64), y.new_full((2,), -100))
+        batches[1] = (torch.cat([X[2:4], pad[0], X[4:7]]), torch.cat([y[2:4], pad[1], y[4:7]]))
+    split = curvopt.curvature("fisher", model, loss_fn, batches, mc_samples=3).to_dense()
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-14)
+    other_seed = curvopt.curvature("fisher", model, loss_fn, (X, y), mc_samples=3, seed=1).to_dense()
+    assert not torch.allclose(other_seed, whole)
