@@ -44,6 +44,20 @@ def test_lanczos_top_k_matches_eigh(A, k):
     torch.testing.assert_close(A @ V, V * res.eigenvalues, atol=1e-6, rtol=0)
 
 
+@given(A=symmetric_matrices(), seed=st.integers(0, 2**16))
+def test_lanczos_default_top_eigenvalue_within_the_asked_tolerance(A, seed):
+    """The default stopping rule (k=1, tol=1e-3): the Ritz residual ``||A x - theta x|| <= tol |theta|``, a
+    gap-free bound (some eigenvalue lies within it), so the top eigenvalue is within ``tol`` relative; the
+    gap-based estimate ``residual**2 / gap`` is not the rule (it stops on unresolved clusters, see
+    ``top_eigenvalues``)."""
+    res = lanczos(A, generator=torch.Generator().manual_seed(seed))
+    top = float(torch.linalg.eigvalsh(A)[-1])
+    theta = float(res.eigenvalues[0])
+    assert res.converged
+    assert float(res.residuals[0]) <= 1e-3 * abs(theta)
+    assert abs(theta - top) <= 1e-3 * abs(top)
+
+
 @given(A=symmetric_matrices())
 def test_lanczos_bottom_eigenvalue(A):
     res = lanczos(A, 1, which="smallest", tol=1e-12, max_iter=A.shape[0])
