@@ -90,8 +90,11 @@ class BackpackOperator(CurvatureOperator):
                 sizes.extend(len(getattr(p, self.attribute)) if self.kronecker else 1 for p in mine)
             return loss.detach(), [t.detach() for t in parts]
 
+        # A diagonal is shaped like its parameter, so a rank without samples can join the pass's one
+        # collective with zeros; Kronecker factors' shapes are BackPACK's to tell: those ranks agree first.
+        zeros = None if self.kronecker else (lambda: [torch.zeros_like(p.detach()) for p in mine])
         try:
-            flat = self._accumulate(product, self.data)
+            flat = self._accumulate(product, self.data, zeros=zeros)
         except NotImplementedError as e:  # BackPACK has no rule for some module
             raise UnsupportedModuleError(
                 f"{self.name}: BackPACK cannot compute {self.extension} here ({e}); the native backends "

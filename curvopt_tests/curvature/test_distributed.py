@@ -190,3 +190,30 @@ def test_fisher_labels_do_not_depend_on_batching(loss):
     torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-14)
     other_seed = curvopt.curvature("fisher", model, loss_fn, (X, y), mc_samples=3, seed=1).to_dense()
     assert not torch.allclose(other_seed, whole)
+
+
+BACKPACK = ("backpack_diag_ggn", "backpack_diag_hessian", "backpack_kflr")
+
+
+def _backpack(rank, world):
+    model, X, y = _problem()
+    batches = _shard(rank, world, X, y)
+    out = {}
+    for name in BACKPACK:
+        out[name] = curvopt.curvature(name, model, nn.CrossEntropyLoss(), batches).to_dense()
+    out["empty"] = _outcome("backpack_diag_ggn", model, [] if rank == 1 else batches)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.optional
+def test_backpack_backends_on_two_ranks_equal_one_process():
+    pytest.importorskip("backpack")
+    r0, r1 = run_ranks(_backpack, 2, timeout=120)
+    model, X, y = _problem()
+    for name in BACKPACK:
+        reference = curvopt.curvature(name, model, nn.CrossEntropyLoss(), (X, y)).to_dense()
+        for r in (r0, r1):
+            torch.testing.assert_close(r[name], reference, rtol=1e-12, atol=1e-14, msg=name)
+    assert r0["empty"] == r1["empty"] and r0["empty"][0] == "EmptyDataError"
+    assert r0["empty"][1].startswith("rank 1: this rank's data holds no samples")
