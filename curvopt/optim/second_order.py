@@ -5,6 +5,20 @@ counters; with one group (the usual case) the step is the full second-order step
 evaluates the closure for the loss and gradient, builds the curvature of the group's
 trainable parameters (frozen ones, ``requires_grad=False``, are ignored), asks the method
 for a step, and accepts it or restores the parameters bit for bit.
+
+Data-parallel (``torch.distributed`` with a process group initialized, e.g. under ``torchrun``): every
+rank calls ``step`` with a :func:`~curvopt.batch_closure` over its own share of the batch, and the step
+is the one a single process would take on the union of the shares. The loss, the gradient and every
+trial loss are combined over the ranks in one all-reduce each, weighted as the losses are (the weighted
+mean by each rank's samples, or counted targets, :meth:`BatchClosure.weight`; the sum for ``"sum"``
+losses); the curvature's products go through the data loop, which all-reduces them the same way. So the
+solver, the ratio test and the accept/reject decision see the same global numbers on every rank and
+every rank takes the same step. The ``curvature_fraction`` sub-sample is drawn over the global sample
+indices (:meth:`BatchClosure.subsample`), so it does not depend on the number of ranks. Gradients are
+computed here, with ``torch.autograd.grad`` through the model looked through a ``DistributedDataParallel``
+wrapper, and reduced here: DDP's averaging (equal weights per rank) never takes part, so there is
+nothing to recognise. A plain closure under a process group is refused (its loss is local, its graph
+Hessian too, and whether DDP averaged its ``.grad`` cannot be told from the parameters).
 """
 
 from __future__ import annotations
@@ -19,6 +33,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from curvopt import distributed
 from curvopt.curvature.graph_hessian import GraphHessian
 from curvopt.curvature.model_state import cuda_devices, curvature_pass, frozen_norm_statistics
 from curvopt.curvature.registry import available_curvatures, check_options, curvature, curvature_class
@@ -131,6 +146,8 @@ class SecondOrderOptimizer(Optimizer, ABC):
     def _loss_and_grad(self, closure: Any, params: list[torch.Tensor]
                        ) -> tuple[float, list[torch.Tensor] | None, list[torch.Tensor]]:
         """``(loss, gradients, parameters that have one)``; gradients keep a graph for plain closures."""
+        if distributed.active():
+            return self._global_loss_and_grad(closure, params)
         with torch.enable_grad(), self._same_randomness(params):
             if isinstance(closure, BatchClosure):
                 loss = closure.loss()
@@ -151,17 +168,69 @@ class SecondOrderOptimizer(Optimizer, ABC):
                 "and curvature_fraction < 1")
         return value, [g for _, g in used], [p for p, _ in used]
 
+    def _global_loss_and_grad(self, closure: BatchClosure, params: list[torch.Tensor]
+                              ) -> tuple[float, list[torch.Tensor] | None, list[torch.Tensor]]:
+        """:meth:`_loss_and_grad` over the ranks' shares, in one all-reduce: the weighted loss and
+        gradients, the weights, which parameters have a gradient on some rank, and each rank's sample
+        count (for the sub-sample). A rank that fails still takes part (with zeros) and every rank
+        raises its error after the collective."""
+        world, me = distributed.world_size(), distributed.rank()
+        dtype = torch.float32
+        for p in params:
+            dtype = torch.promote_types(dtype, p.dtype)
+        zeros = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params]
+        parts = [torch.zeros(2, dtype=dtype, device=params[0].device), *zeros,
+                 torch.zeros(len(params) + world, dtype=dtype, device=params[0].device)]
+        failure: Exception | None = None
+        mean = True
+        try:
+            w, mean = closure.weight()
+            with torch.enable_grad(), self._same_randomness(params):
+                loss = closure.loss()
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            head = torch.stack([w * loss.detach().reshape(()).to(dtype), torch.tensor(w, dtype=dtype)])
+            flags = torch.tensor([g is not None for g in grads] + [0] * world, dtype=dtype)
+            flags[len(params) + me] = len(closure.X)
+            parts = [head.to(parts[0].device), *(z if g is None else w * g.detach().to(dtype)
+                                                 for z, g in zip(zeros, grads)), flags.to(parts[0].device)]
+        except Exception as exc:  # raised on every rank after the collective, not here before it
+            failure = exc
+        summed = distributed.sum_across(parts, failure=failure)
+        (wloss, weight), grads, flags = summed[0].tolist(), summed[1:-1], summed[-1].tolist()
+        scale = 1.0 / weight if mean else 1.0
+        self._rank_counts, self._rank_weight = [int(c) for c in flags[len(params):]], (weight, mean)
+        used = [(p, g * scale) for p, g, f in zip(params, grads, flags) if f > 0]
+        if not used:
+            return wloss * scale, None, []
+        return wloss * scale, [g.to(p.dtype) for p, g in used], [p for p, _ in used]
+
     def _trial_loss(self, closure: Any) -> float:
         """The loss at the current parameters (no gradient needed for batch closures). A batch closure's
         trial point runs inside :func:`curvature_pass`, a plain closure's inside
         :func:`frozen_norm_statistics`: train-mode BatchNorm uses the batch statistics, as the step's own
         loss did, without updating its running statistics at points that may be rejected."""
         params = [p for g in self.param_groups for p in g["params"]]
+        if isinstance(closure, BatchClosure) and distributed.active():
+            return self._global_trial_loss(closure, params)
         if isinstance(closure, BatchClosure):
-            with torch.no_grad(), curvature_pass(closure.model), self._same_randomness(params):
+            with torch.no_grad(), curvature_pass(closure.network), self._same_randomness(params):
                 return float(closure.loss())
         with torch.enable_grad(), self._same_randomness(params), frozen_norm_statistics():
             return _loss_value(closure())
+
+    def _global_trial_loss(self, closure: BatchClosure, params: list[torch.Tensor]) -> float:
+        """The trial loss over the ranks' shares, weighted as the step's loss (one all-reduce)."""
+        weight, mean = self._rank_weight
+        value = torch.zeros(1, dtype=torch.float64, device=params[0].device)
+        failure: Exception | None = None
+        try:
+            w, _ = closure.weight()
+            with torch.no_grad(), curvature_pass(closure.network), self._same_randomness(params):
+                value = (w * closure.loss().detach().to(torch.float64)).reshape(1).to(value.device)
+        except Exception as exc:  # raised on every rank after the collective, not here before it
+            failure = exc
+        total = float(distributed.sum_across([value], failure=failure)[0])
+        return total / weight if mean else total
 
     @contextlib.contextmanager
     def _same_randomness(self, params: list[torch.Tensor]) -> Any:
@@ -176,7 +245,11 @@ class SecondOrderOptimizer(Optimizer, ABC):
         """The curvature operator, its parameter order, and the flat gradient in that order."""
         if isinstance(closure, BatchClosure):
             generator = torch.Generator().manual_seed(int(group["seed"]) + step)
-            batch = closure.subsample(group["curvature_fraction"], generator)
+            if distributed.active():  # drawn over the global indices: the same whatever the number of ranks
+                batch = closure.subsample(group["curvature_fraction"], generator, self._rank_counts,
+                                          distributed.rank())
+            else:
+                batch = closure.subsample(group["curvature_fraction"], generator)
             options = dict(group.get("curvature_options") or {})
             op = curvature(group["curvature"], closure.model, closure.loss_fn, [batch], params=params, **options)
             by_id = {id(p): g for p, g in zip(params, grads)}
@@ -218,6 +291,12 @@ class SecondOrderOptimizer(Optimizer, ABC):
             raise ClosureError(
                 f"{type(self).__name__}.step needs a closure that re-evaluates the loss on the current "
                 "mini-batch, e.g. opt.step(curvopt.batch_closure(model, loss_fn, X, y))")
+        if distributed.active() and not isinstance(closure, BatchClosure):
+            # the same on every rank (each passes the same kind of closure): no rank waits in a collective
+            raise ClosureError(
+                f"{type(self).__name__}.step under torch.distributed needs curvopt.batch_closure(model, "
+                "loss_fn, X, y) over this rank's share of the batch: a plain closure's loss, gradient and "
+                "graph Hessian are this rank's only, and cannot be combined over the ranks")
         self.stats_per_group = []
         first_loss = None
         for group in self.param_groups:
