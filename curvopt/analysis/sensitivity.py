@@ -12,12 +12,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from curvopt import distributed
 from curvopt.analysis._data import checked_data
 from curvopt.analysis.spectrum import _generator, top_eigenvalues
 from curvopt.curvature.data_loop import first_batch, one_bar, to_model
 from curvopt.curvature.model_state import curvature_pass, seed_batch
 from curvopt.curvature.registry import curvature as build_curvature
-from curvopt.errors import OptionError, QuantizationError
+from curvopt.errors import EmptyDataError, OptionError, QuantizationError
 from curvopt.linalg import trace_estimate
 from curvopt.quant.plan import check_bits, quantizable_modules
 from curvopt.quant.quantizer import Quantizer
@@ -537,7 +538,14 @@ def _parameters_with_gradient(model: nn.Module, loader: Any, loss_fn: Any,
     """``id``s of ``params`` that get a gradient from the loss on the first non-empty batch."""
     if not params:
         return set()
-    X, y = first_batch(loader, "sensitivity(loader=...)")
+    failure, batch = None, None
+    try:
+        batch = first_batch(loader, "sensitivity(loader=...)")
+    except EmptyDataError as e:
+        failure = e
+    # a rank without samples raises here, but on every rank: its peers would otherwise wait in the next pass
+    distributed.agree(failure)
+    X, y = batch
     ref = params[0]
     X, y = to_model(X, ref), to_model(y, ref)
     args = tuple(X) if isinstance(X, (tuple, list)) else (X,)

@@ -49,7 +49,14 @@ def _on_ranks(rank, world):
     model, X, y = _problem()
     torch.manual_seed(1000 + rank)  # a different global random state per rank: probes must not use it
     start, stop, size = SHARDS[world][rank]
-    return _estimates(model, list(zip(X[start:stop].split(size), y[start:stop].split(size))))
+    estimates = _estimates(model, list(zip(X[start:stop].split(size), y[start:stop].split(size))))
+    try:  # the last rank holds no data: every rank raises, none waits for it
+        curvopt.sensitivity(model, [] if rank == world - 1 else [(X[start:stop], y[start:stop])],
+                            nn.CrossEntropyLoss(), probes=4)
+        empty = None
+    except Exception as exc:  # noqa: BLE001 - compared across ranks
+        empty = (type(exc).__name__, str(exc))
+    return estimates, empty
 
 
 def _flat(result):
@@ -73,7 +80,9 @@ def _flat(result):
 
 
 def _check(world):
-    results = run_ranks(_on_ranks, world, timeout=240)
+    results, empty = zip(*run_ranks(_on_ranks, world, timeout=240))
+    assert all(e == empty[0] for e in empty)
+    assert empty[0][0] == "EmptyDataError" and empty[0][1].startswith(f"rank {world - 1}: sensitivity(loader=...)")
     model, X, y = _problem()
     reference = _flat(_estimates(model, (X, y)))
     first = _flat(results[0])
