@@ -717,8 +717,9 @@ class KFAC(Optimizer):
             step = state.get("step", 0)
             refresh = step % every == 0 or (step < every and id(p) in new)
             if mode == "mem_opt" and owners[id(p)] != me:
-                # not this rank's inverses: only the marker of the owner's refresh (see below)
-                due.append(refresh or state.get("inv_damping") != damping)
+                # not this rank's inverses: the marker of the owner's refresh (see below) decides as the
+                # owner's own entries do, so that every rank agrees on the lazy sync's collective
+                due.append(refresh or "inv_damping" not in state or (factored and state["inv_damping"] != damping))
             elif factored:
                 due.append(refresh or "inv_A" not in state or state["inv_damping"] != damping)
             else:

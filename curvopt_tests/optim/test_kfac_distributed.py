@@ -27,6 +27,9 @@ CONFIGS = [
     ("lazy", dict(distribute="replicate", factor_every=2, inverse_every=3, lazy_sync=True), 1),
     ("lazy_mem_opt", dict(distribute="mem_opt", factor_every=1, inverse_every=3, lazy_sync=True), 1),
     ("accumulate", dict(distribute="comm_opt", factor_every=1, inverse_every=2), 2),
+    # a damping changed between steps (a scheduler) with no inverse refresh due: ranks agree on the lazy sync
+    ("lazy_mem_opt_eigh", dict(distribute="mem_opt", factor_every=1, inverse_every=4, lazy_sync=True,
+                               factored_damping=False, damping_step=5), 1),
 ]
 
 
@@ -44,7 +47,13 @@ def _batches():
 
 
 def _options(kw):
-    return dict(lr=0.1, damping=0.05, **kw)
+    return dict(lr=0.1, damping=0.05, **{k: v for k, v in kw.items() if k != "damping_step"})
+
+
+def _schedule(opt, kw, step):
+    if step == kw.get("damping_step"):
+        for group in opt.param_groups:
+            group["damping"] = 0.2
 
 
 def _train_ranks(rank, world):
@@ -54,7 +63,8 @@ def _train_ranks(rank, world):
         model = DDP(_model())
         opt = curvopt.KFAC(model.parameters(), **_options(kw))
         counts = []
-        for X, y in _batches():
+        for step, (X, y) in enumerate(_batches()):
+            _schedule(opt, kw, step)
             Xs, ys = X.chunk(world)[rank], y.chunk(world)[rank]
             opt.zero_grad()
             parts = list(zip(Xs.chunk(micro), ys.chunk(micro)))
@@ -77,7 +87,8 @@ def _reference(kw):
     model = _model()
     kw = {k: v for k, v in kw.items() if k not in ("distribute", "lazy_sync")}
     opt = curvopt.KFAC(model.parameters(), **_options(kw))
-    for X, y in _batches():
+    for step, (X, y) in enumerate(_batches()):
+        _schedule(opt, kw, step)
         opt.zero_grad()
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
