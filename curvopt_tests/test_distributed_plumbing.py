@@ -128,5 +128,6 @@ def _one_rank_stalls(rank, world):
 
 @pytest.mark.distributed
 def test_harness_fails_instead_of_hanging_when_a_rank_stalls():
-    with pytest.raises(pytest.fail.Exception, match=r"rank\(s\) \[1\] did not finish within 6 s"):
-        run_ranks(_one_rank_stalls, 2, timeout=6)
+    # rank 0 normally finishes; on a loaded machine its start alone may take the whole timeout
+    with pytest.raises(pytest.fail.Exception, match=r"rank\(s\) \[(0, )?1\] did not finish within 15 s"):
+        run_ranks(_one_rank_stalls, 2, timeout=15)
