@@ -16,3 +16,15 @@ def test_newton_benchmark_quick(capsys):
         if row["epochs"] is not None:
             assert row["grad_equivalents"] > 0 and row["seconds"] > 0
     assert "grid reaching" in capsys.readouterr().out
+
+
+def test_newton_defaults_table_quick(capsys):
+    module = load_benchmark("newton")
+    results = module.main(["--defaults", "--quick"])
+    assert set(results["defaults"]) == set(module.DEFAULTS_GRID) == {"NewtonMR", "TrustRegion", "ARC"}
+    for name, row in results["defaults"].items():
+        assert len(row["accuracies"]) == 1 and 0.0 <= row["worst"] <= 1.0
+        assert row["target_met"] == (row["worst"] >= module.DEFAULTS_TARGET)
+        assert {} in [r["options"] for r in results["grid"][name]]  # the defaults are a row of the grid
+    out = capsys.readouterr().out
+    assert "(a) candidate settings" in out and "(b) the defaults" in out

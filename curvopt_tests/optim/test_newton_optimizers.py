@@ -35,9 +35,9 @@ def run(opt, closure, steps):
             opt.step(closure)
 
 
-# exact Newton steps: undamped (NewtonMR damps by default, for mini-batches), unbounded (TrustRegion)
+# exact Newton steps: undamped (all three damp by default, for mini-batches), unbounded (TrustRegion)
 @pytest.mark.parametrize("cls, kwargs", [(curvopt.NewtonMR, {"damping": 0.0}),
-                                         (curvopt.TrustRegion, {"radius": 1e3})])
+                                         (curvopt.TrustRegion, {"radius": 1e3, "damping": 0.0})])
 def test_one_newton_step_solves_a_quadratic(cls, kwargs):
     g = torch.Generator().manual_seed(0)
     M = torch.randn(8, 8, generator=g, dtype=torch.float64)
@@ -338,7 +338,7 @@ def test_trust_region_and_arc_take_a_scheduled_fraction_of_the_step(cls):
     b = torch.tensor([1.0, 1.0], dtype=torch.float64)
     x = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     kwargs = {"radius": 1e3} if cls is curvopt.TrustRegion else {"sigma": 1e-6}
-    opt = cls([x], lr=1.0, rtol=1e-13, **kwargs)
+    opt = cls([x], lr=1.0, rtol=1e-13, damping=0.0, **kwargs)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     scheduler.step()  # lr 0.5
     f = graph_closure(opt, lambda x: 0.5 * x @ A @ x - b @ x, x)
