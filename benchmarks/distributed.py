@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.factor_every, args.inverse_every, args.timeout = 1, 2, min(args.timeout, 240)
     if args.batch % 2:
         parser.error(f"--batch {args.batch}: must be even, so that 2 ranks hold equal shares")
+    commit = _commit()  # at the start: the library the ranks import is the one of this moment
     jobs: dict[int, list] = {1: [], 2: []}
     with tempfile.TemporaryDirectory(prefix="curvopt_distbench_data_") as tmp:
         spec = dict(samples=args.samples, batch=args.batch, repeats=args.repeats, data=str(Path(tmp) / "data.pt"),
@@ -397,14 +398,14 @@ def main(argv: list[str] | None = None) -> dict:
             for world in ((1, 2) if i % 2 == 0 else (2, 1)):
                 jobs[world].append(run_job(spec, world, args.timeout))
     products, kfac = _merge(jobs)
-    header = (f"# curvopt data parallel, commit {_commit()}, torch {torch.__version__}, gloo, "
+    header = (f"# curvopt data parallel, commit {commit}, torch {torch.__version__}, gloo, "
               f"{platform.processor() or platform.machine()} with {os.cpu_count()} cores, 1 thread per rank; "
               f"{args.samples} samples in global batches of {args.batch}; K-FAC factors every "
               f"{args.factor_every} steps, inverses every {args.inverse_every}; medians of {args.rounds} "
               f"round(s) x {args.repeats} repetition(s)")
     print_tables(products, kfac, header)
     result = dict(args={k: v for k, v in vars(args).items() if k not in ("worker", "rank", "world")},
-                  commit=_commit(), torch=torch.__version__, machine=platform.machine(), cores=os.cpu_count(),
+                  commit=commit, torch=torch.__version__, machine=platform.machine(), cores=os.cpu_count(),
                   products=products, kfac=kfac)
     if args.out:
         out = Path(args.out)
