@@ -1,12 +1,14 @@
-"""Matrix-free numerical algorithms on any curvature operator (or dense tensor).
+"""Matrix-free numerical algorithms on any linear operator (or dense tensor).
 
-The only place in curvopt that runs iterative numerical algorithms.
+The only place in curvopt that runs iterative numerical algorithms. Their operand is a
+:class:`LinearOperator` (every :class:`~curvopt.CurvatureOperator` is one) or a dense symmetric tensor.
 """
 
 from curvopt.linalg.cg import cg, steihaug_cg
 from curvopt.linalg.cubic import cubic_subproblem
 from curvopt.linalg.density import slq_nodes, spectral_density_from_nodes
 from curvopt.linalg.lanczos import LanczosResult, lanczos, lanczos_tridiagonal
+from curvopt.linalg.linear_operator import LinearOperator, Shifted
 from curvopt.linalg.minres import minres
 from curvopt.linalg.power import power_iteration
 from curvopt.linalg.solve_result import STOP_REASONS, SolveResult
@@ -15,6 +17,8 @@ from curvopt.linalg.trace import TraceEstimate, diagonal_estimate, trace_estimat
 __all__ = [
     "STOP_REASONS",
     "LanczosResult",
+    "LinearOperator",
+    "Shifted",
     "SolveResult",
     "cg",
     "cubic_subproblem",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from curvopt.linalg.lanczos import _lanczos_steps, tridiagonal
-from curvopt.linalg.operator import Shifted, SymmetricOperator, size_of
+from curvopt.linalg.linear_operator import Shifted, SymmetricOperator, size_of
 from curvopt.linalg.solve_result import SolveResult, check_tolerances, finite
 
 

@@ -7,7 +7,8 @@ import math
 import torch
 
 from curvopt.linalg.lanczos import _final_state, tridiagonal
-from curvopt.linalg.operator import SymmetricOperator, rademacher, size_of
+from curvopt.linalg.linear_operator import SymmetricOperator, size_of
+from curvopt.linalg.probes import rademacher
 
 
 def slq_nodes(

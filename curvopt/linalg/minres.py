@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from curvopt.linalg.operator import Shifted, SymmetricOperator, matvec, size_of
+from curvopt.linalg.linear_operator import Shifted, SymmetricOperator, matvec, size_of
 from curvopt.linalg.solve_result import SolveResult, check_tolerances, finite
 
 

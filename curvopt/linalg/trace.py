@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from curvopt.linalg.operator import SymmetricOperator, block_indices, matmat, rademacher, size_of
+from curvopt.linalg.linear_operator import SymmetricOperator, matmat, size_of
+from curvopt.linalg.probes import rademacher
 
 METHODS = ("hutchinson", "hutchpp")
 
@@ -128,3 +130,22 @@ def diagonal_estimate(
     del Z
     se = samples.std(1, unbiased=True) / math.sqrt(probes) if probes > 1 else torch.full((P,), float("inf"))
     return samples.mean(1), se
+
+
+def block_indices(A: Any, P: int) -> list[tuple[str, torch.Tensor]]:
+    """``(name, flat indices)`` of each block of ``A.blocks`` (one block ``""`` if ``A`` has none).
+
+    Reads ``A.blocks`` (each with the ``indices`` of its tensors in ``A.params``) as a
+    :class:`~curvopt.CurvatureOperator` has them; a dense tensor has no blocks.
+    """
+    blocks = getattr(A, "blocks", None)
+    if not blocks:
+        return [("", torch.arange(P))]
+    sizes = [p.numel() for p in A.params]
+    starts = [0]
+    for s in sizes:
+        starts.append(starts[-1] + s)
+    return [
+        (b.name, torch.cat([torch.arange(starts[i], starts[i + 1]) for i in b.indices]))
+        for b in blocks
+    ]
