@@ -20,6 +20,7 @@ from curvopt.analysis import (
     trace,
 )
 from curvopt.curvature import (
+    BatchCurvatureOperator,
     Block,
     CurvatureOperator,
     available_curvatures,
@@ -53,6 +54,7 @@ __all__ = [
     "NewtonMR",
     "TrustRegion",
     "batch_closure",
+    "BatchCurvatureOperator",
     "CurvatureOperator",
     "allocate_bits",
     "available_curvatures",

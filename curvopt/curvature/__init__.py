@@ -1,7 +1,7 @@
 """Curvature operators: the only part of curvopt that differentiates twice."""
 
 from curvopt.curvature.backpack import BackpackDiagGGN, BackpackDiagHessian, BackpackKFAC, BackpackKFLR
-from curvopt.curvature.base import CurvatureOperator
+from curvopt.curvature.base import BatchCurvatureOperator, CurvatureOperator
 from curvopt.curvature.block_diagonal import BlockDiagonalOperator
 from curvopt.curvature.empirical_fisher import EmpiricalFisherOperator
 from curvopt.curvature.fisher import FisherOperator
@@ -21,6 +21,7 @@ __all__ = [
     "BackpackDiagHessian",
     "BackpackKFAC",
     "BackpackKFLR",
+    "BatchCurvatureOperator",
     "Block",
     "BlockDiagonalOperator",
     "CurvatureOperator",

@@ -118,12 +118,6 @@ class BackpackOperator(CurvatureOperator):
                 out.append((G @ M @ A).reshape(v.shape))
         return out
 
-    def _batch_context(self, index, X, y):  # pragma: no cover - products use BackPACK's results
-        raise RuntimeError("BackPACK operators multiply with precomputed quantities")
-
-    def _batch_matvec(self, ctx, v):  # pragma: no cover - products use BackPACK's results
-        raise RuntimeError("BackPACK operators multiply with precomputed quantities")
-
 
 @register_curvature("backpack_diag_ggn")
 class BackpackDiagGGN(BackpackOperator):

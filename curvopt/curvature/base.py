@@ -1,17 +1,22 @@
-"""The abstract :class:`CurvatureOperator`: a symmetric ``P x P`` matrix known through products.
+"""The curvature operators' bases: a curvature matrix of a model's risk, and one streamed over data.
 
-A backend implements two small pieces for one mini-batch: :meth:`_batch_context`
-(everything that does not depend on the vector, e.g. the forward pass) and
-:meth:`_batch_matvec` (the product with one vector). The base class turns them into
-products with vectors, matrices (the columns batched with :func:`torch.func.vmap`)
-and parameter-shaped lists, streams the data through the one data loop
-(:func:`curvopt.curvature.data_loop.accumulate`) and, with ``cache=True``, keeps the
-per-batch contexts until a parameter changes. Layout follows curvlinops (Dangel et al.).
+:class:`CurvatureOperator` is a :class:`~curvopt.linalg.LinearOperator` (shape, dtype, device, ``@``)
+that knows the model, loss, data and parameters: it adds parameter-shaped inputs, ``blocks``, the
+loss's reduction, :meth:`~CurvatureOperator.solve` and the one data loop; a backend supplies the
+products with parameter-shaped columns (``kfac`` and BackPACK from stored factors, ``block_diagonal``
+through another backend).
+
+:class:`BatchCurvatureOperator` is the curvature that is a sum over batches. A backend implements two
+small pieces for one mini-batch: :meth:`~BatchCurvatureOperator._batch_context` (everything that does not
+depend on the vector, e.g. the forward pass) and :meth:`~BatchCurvatureOperator._batch_matvec` (the product
+with one vector). The base class batches the columns with :func:`torch.func.vmap`, streams the data
+through the one data loop (:func:`curvopt.curvature.data_loop.accumulate`) and, with ``cache=True``,
+keeps the per-batch contexts until a parameter changes. Layout follows curvlinops (Dangel et al.).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -32,12 +37,17 @@ from curvopt.curvature.params import (
 )
 from curvopt.curvature.solve import KRYLOV_METHODS, krylov_solve
 from curvopt.errors import DenseSizeError, OptionError, ParameterError, ShapeError
+from curvopt.linalg.linear_operator import LinearOperator
 
 TensorList = list[torch.Tensor]
 
 
-class CurvatureOperator(ABC):
+class CurvatureOperator(LinearOperator):
     """A curvature matrix of the empirical risk ``L(theta)``, applied matrix-free.
+
+    The public base of every backend. A subclass implements :meth:`_matmat_list`, the products with
+    columns given per parameter; one that streams over batches derives from
+    :class:`BatchCurvatureOperator` instead.
 
     The risk is the loss's own reduction over all samples of ``data``: the mean over
     the loss terms of all batches for ``reduction="mean"`` (each batch weighted by its
@@ -87,6 +97,7 @@ class CurvatureOperator(ABC):
     cache_modes: ClassVar[tuple[Any, ...]] = (False, True)
     #: Methods :meth:`solve` accepts; the first is the default.
     solve_methods: ClassVar[tuple[str, ...]] = KRYLOV_METHODS
+    _operand_forms = "a tensor of shape [P] or [P, k], or a list of tensors shaped like the parameters"
 
     def __init__(
         self,
@@ -134,7 +145,6 @@ class CurvatureOperator(ABC):
         self.cache = cache
         self.progress = progress
         self.process_group = process_group
-        self._cached: tuple[ParameterSnapshot, list[tuple[Any, Any, Any]]] | None = None
 
     # ------------------------------------------------------------------ shape & type
     @property
@@ -194,8 +204,7 @@ class CurvatureOperator(ABC):
         if isinstance(x, (list, tuple)):
             V = self._check_list(x)
             return [r.squeeze(0) for r in self._matmat_list([v.unsqueeze(0) for v in V])]
-        B, restore = self._columns(x, "multiply")
-        return restore(self.matmat(B))
+        return super().__matmul__(x)
 
     def solve(
         self,
@@ -248,29 +257,11 @@ class CurvatureOperator(ABC):
         if isinstance(x, (list, tuple)):
             B = self.flatten([t.unsqueeze(0) for t in self._check_list(x)]).T
             return B, lambda R: [r.squeeze(0) for r in self.unflatten(R.T)]
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"cannot {verb} {type(self).__name__} with {type(x).__name__}; use a tensor "
-                "of shape [P] or [P, k], or a list of tensors shaped like the parameters"
-            )
-        if x.dim() in (1, 2) and x.shape[0] == self.shape[0]:
-            B = x.to(device=self.device, dtype=self.dtype)
-            if x.dim() == 1:
-                return B.unsqueeze(1), lambda R: R.squeeze(1)
-            return B, lambda R: R
-        raise ShapeError(
-            f"{type(self).__name__} has shape {self.shape}: expected a vector of shape "
-            f"({self.shape[0]},) or a matrix of shape ({self.shape[0]}, k), got "
-            f"{tuple(x.shape)}"
-        )
+        return super()._columns(x, verb)
 
-    def matmat(self, V: torch.Tensor) -> torch.Tensor:
-        """``A @ V`` for ``V`` of shape ``[P, k]``; columns are batched, one data pass."""
-        if V.dim() != 2 or V.shape[0] != self.shape[0]:
-            raise ShapeError(f"expected a matrix of shape ({self.shape[0]}, k), got {tuple(V.shape)}")
-        V = V.to(device=self.device, dtype=self.dtype)
-        out = self._matmat_list(self.unflatten(V.T))
-        return self.flatten(out).T
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """``[P, k]`` products: all ``k`` columns in one call of :meth:`_matmat_list` (one data pass)."""
+        return self.flatten(self._matmat_list(self.unflatten(V.T))).T
 
     def to_dense(self, chunk_size: int = 128) -> torch.Tensor:
         """The ``P x P`` matrix, built from products with identity columns (tests, tiny models).
@@ -279,15 +270,8 @@ class CurvatureOperator(ABC):
             DenseSizeError: before any product, when the matrix would not fit in the free memory
                 of the operator's device; the message gives the size it would need.
         """
-        P = self.shape[0]
-        check_dense_size(P, self.dtype, self.device, f"{type(self).__name__}.to_dense()")
-        out = torch.empty(P, P, dtype=self.dtype, device=self.device)
-        for i in range(0, P, chunk_size):
-            k = min(chunk_size, P - i)
-            eye = torch.zeros(P, k, dtype=self.dtype, device=self.device)
-            eye[i : i + k].fill_diagonal_(1.0)
-            out[:, i : i + k] = self.matmat(eye)
-        return out
+        check_dense_size(self.shape[0], self.dtype, self.device, f"{type(self).__name__}.to_dense()")
+        return super().to_dense(chunk_size)
 
     # ------------------------------------------------------------------ conversions
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -333,11 +317,16 @@ class CurvatureOperator(ABC):
                     "operator was built; build a new operator for the new model")
             self._params[i] = p
 
+    @abstractmethod
     def _matmat_list(self, V: TensorList) -> TensorList:
-        """Products with ``k`` columns given as ``[k, *shape_i]`` per parameter."""
-        self._follow_parameters()
-        with curvature_pass(self.model):
-            return self._matmat_pass(V)
+        """Products with ``k`` columns given as ``[k, *shape_i]`` per parameter, returned the same way.
+
+        A backend follows the model's current parameters (:meth:`_follow_parameters`) and leaves the
+        model as it found it (:func:`~curvopt.curvature.model_state.curvature_pass`) in any pass it runs.
+        """
+
+    def clear_cache(self) -> None:
+        """Drop what is kept between products (it is also dropped when a parameter changes)."""
 
     def _accumulate(self, product: Any, data: Any, zeros: Any = None) -> TensorList:
         """The one data loop with this operator's reduction, batch weights and process group.
@@ -353,6 +342,57 @@ class CurvatureOperator(ABC):
             weight=self._batch_weight,
             zeros=zeros,
         )
+
+    def _versions(self) -> ParameterSnapshot:
+        """The parameters' values now; equal to a later snapshot exactly when no value changed
+        (through any route: optimizer steps, ``.data`` writes, ``load_state_dict``, ...)."""
+        return ParameterSnapshot(self._params)
+
+    def _to_model(self, t: Any) -> Any:
+        return to_model(t, self._params[0])
+
+    # ------------------------------------------------------------------ helpers for backends
+    def _primal(self) -> tuple[torch.Tensor, ...]:
+        """The selected parameters, detached, as the point of linearization."""
+        return tuple(p.detach() for p in self._params)
+
+    def _forward(self, params: Sequence[torch.Tensor], X: Any, index: int | None = None) -> torch.Tensor:
+        """``model(X)`` with the selected parameters replaced by ``params``; with the batch ``index``,
+        randomness (dropout) is seeded for that batch (inside :func:`curvature_pass` only)."""
+        if index is not None:
+            seed_batch(index, getattr(self, "seed", 0))
+        args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
+        # Parameters outside the selection are constants: detached, they build no graph.
+        selected = set(self.param_names)
+        tensors = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
+        tensors.update(zip(self.param_names, params))
+        out = functional_call(self.model, tensors, args)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"{type(self.model).__name__} returned a {type(out).__name__}; curvature "
+                "operators need a model that returns one tensor"
+            )
+        return out
+
+class BatchCurvatureOperator(CurvatureOperator):
+    """A curvature operator that is a sum over the batches of the data, each known through products.
+
+    A backend supplies, for one batch, :meth:`_batch_context` (what does not depend on the vector)
+    and :meth:`_batch_matvec` (``(loss, A_batch @ v)`` for one vector, a pure ``torch.func`` function);
+    optionally :meth:`_batch_single_product`, a faster path for one uncached vector. This class batches
+    the columns with :func:`torch.func.vmap` (``max_batch_columns`` at a time), runs the one data loop
+    and, with ``cache=True``, keeps the contexts until a parameter changes. Arguments as for
+    :class:`CurvatureOperator`.
+    """
+
+    #: ``(parameter values, [(X, y, context) per batch])`` while ``cache`` keeps the contexts.
+    _cached: tuple[ParameterSnapshot, list[tuple[Any, Any, Any]]] | None = None
+
+    def _matmat_list(self, V: TensorList) -> TensorList:
+        """Products with ``k`` columns given as ``[k, *shape_i]`` per parameter: one pass over the data."""
+        self._follow_parameters()
+        with curvature_pass(self.model):
+            return self._matmat_pass(V)
 
     def _matmat_pass(self, V: TensorList) -> TensorList:
         if self.cache and self._cached is not None and self._cached[0].matches(self._params):
@@ -400,37 +440,6 @@ class CurvatureOperator(ABC):
     def clear_cache(self) -> None:
         """Drop cached linearizations (they are also dropped when a parameter changes)."""
         self._cached = None
-
-    def _versions(self) -> ParameterSnapshot:
-        """The parameters' values now; equal to a later snapshot exactly when no value changed
-        (through any route: optimizer steps, ``.data`` writes, ``load_state_dict``, ...)."""
-        return ParameterSnapshot(self._params)
-
-    def _to_model(self, t: Any) -> Any:
-        return to_model(t, self._params[0])
-
-    # ------------------------------------------------------------------ helpers for backends
-    def _primal(self) -> tuple[torch.Tensor, ...]:
-        """The selected parameters, detached, as the point of linearization."""
-        return tuple(p.detach() for p in self._params)
-
-    def _forward(self, params: Sequence[torch.Tensor], X: Any, index: int | None = None) -> torch.Tensor:
-        """``model(X)`` with the selected parameters replaced by ``params``; with the batch ``index``,
-        randomness (dropout) is seeded for that batch (inside :func:`curvature_pass` only)."""
-        if index is not None:
-            seed_batch(index, getattr(self, "seed", 0))
-        args = tuple(X) if isinstance(X, (tuple, list)) else (X,)
-        # Parameters outside the selection are constants: detached, they build no graph.
-        selected = set(self.param_names)
-        tensors = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
-        tensors.update(zip(self.param_names, params))
-        out = functional_call(self.model, tensors, args)
-        if not isinstance(out, torch.Tensor):
-            raise TypeError(
-                f"{type(self.model).__name__} returned a {type(out).__name__}; curvature "
-                "operators need a model that returns one tensor"
-            )
-        return out
 
     def _batch_single_product(
         self, index: int, X: Any, y: torch.Tensor, v: TensorList

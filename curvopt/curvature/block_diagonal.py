@@ -70,12 +70,6 @@ class BlockDiagonalOperator(CurvatureOperator):
     def clear_cache(self) -> None:
         self.base.clear_cache()
 
-    def _batch_context(self, index, X, y):  # pragma: no cover - products go through the base
-        raise RuntimeError("BlockDiagonalOperator delegates every product to its base")
-
-    def _batch_matvec(self, ctx, v):  # pragma: no cover - products go through the base
-        raise RuntimeError("BlockDiagonalOperator delegates every product to its base")
-
 
 def _grouping(op: CurvatureOperator) -> dict[str, list[str]]:
     return {b.name: list(b.param_names) for b in op.blocks}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.func import grad_and_value, vjp
 
-from curvopt.curvature.base import CurvatureOperator, TensorList
+from curvopt.curvature.base import BatchCurvatureOperator, TensorList
 from curvopt.curvature.registry import register_curvature
 
 
@@ -20,7 +20,7 @@ class _HessianContext:
 
 
 @register_curvature("hessian")
-class HessianOperator(CurvatureOperator):
+class HessianOperator(BatchCurvatureOperator):
     """The Hessian ``d^2 L / d theta^2`` of the empirical risk, for any differentiable loss.
 
     A batch's context is the gradient together with its backward graph

@@ -15,7 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import jvp, linearize, vjp
 
-from curvopt.curvature.base import CurvatureOperator, TensorList
+from curvopt.curvature.base import BatchCurvatureOperator, TensorList
 from curvopt.curvature.losses import LossSpec, loss_spec
 from curvopt.curvature.model_state import draws_random_numbers, seed_batch
 
@@ -42,7 +42,7 @@ def missing_forward_ad(error: BaseException) -> bool:
     )
 
 
-class JacobianSandwich(CurvatureOperator):
+class JacobianSandwich(BatchCurvatureOperator):
     """Base of GGN, Fisher and empirical Fisher: ``sum_b w_b J_b^T M_b J_b``.
 
     Needs a loss with a closed form (``CrossEntropyLoss``, ``MSELoss``,
