@@ -374,6 +374,7 @@ class CurvatureOperator(LinearOperator):
             )
         return out
 
+
 class BatchCurvatureOperator(CurvatureOperator):
     """A curvature operator that is a sum over the batches of the data, each known through products.
 
