@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from curvopt.curvature.base import CurvatureOperator
+from curvopt.curvature.base import BatchCurvatureOperator
 from curvopt.curvature.block_diagonal import BlockDiagonalOperator
 from curvopt.curvature.data_loop import is_single_batch, one_bar
 from curvopt.errors import OptionError
@@ -21,7 +21,7 @@ from curvopt.linalg import (
     spectral_density_from_nodes,
     trace_estimate,
 )
-from curvopt.linalg.operator import SymmetricOperator
+from curvopt.linalg.linear_operator import SymmetricOperator
 
 EIGEN_METHODS = ("lanczos", "power")
 CACHE_CHOICES = ("auto", True, False)
@@ -65,10 +65,9 @@ def reused_contexts(op: SymmetricOperator, cache: bool | str = "auto") -> Iterat
         raise OptionError(f"cache={cache!r}; valid: {', '.join(map(repr, CACHE_CHOICES))}")
     owner = op.base if isinstance(op, BlockDiagonalOperator) else op
     eligible = (
-        isinstance(owner, CurvatureOperator)
+        isinstance(owner, BatchCurvatureOperator)  # products from per-batch contexts
         and not owner.cache
         and True in owner.cache_modes
-        and type(owner)._matmat_list is CurvatureOperator._matmat_list  # products from per-batch contexts
     )
     if eligible and cache == "auto":
         n = _batch_count(owner.data)

@@ -501,9 +501,3 @@ class KFACOperator(CurvatureOperator):
             out[i] = DiagonalBlock(d).multiply(parts[i], power=-1, damping=damping)
         result = self.flatten(out).T.to(self.dtype)
         return result.squeeze(1) if vector else result
-
-    def _batch_context(self, index, X, y):  # pragma: no cover - products use the factors
-        raise RuntimeError("KFACOperator multiplies with its factors, not per batch")
-
-    def _batch_matvec(self, ctx, v):  # pragma: no cover - products use the factors
-        raise RuntimeError("KFACOperator multiplies with its factors, not per batch")
