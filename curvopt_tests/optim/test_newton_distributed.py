@@ -20,8 +20,8 @@ SPLIT = 13  # rank 0 holds the first 13 samples of each batch of 21, rank 1 the 
 #: (optimizer, options): options chosen so that each run both accepts and rejects steps
 CASES = [
     ("NewtonMR", {"lr": 8.0, "max_evaluations": 2, "rtol": 1e-10}),
-    ("TrustRegion", {"radius": 10.0, "rtol": 1e-10}),
-    ("ARC", {"sigma": 1e-3, "rtol": 1e-10}),
+    ("TrustRegion", {"radius": 10.0, "damping": 0.0, "max_iter": 100, "rtol": 1e-10}),
+    ("ARC", {"sigma": 1e-3, "damping": 0.0, "max_iter": 100, "rtol": 1e-10}),
 ]
 FRACTIONS = (1.0, 0.5)
 
