@@ -23,15 +23,11 @@ from curvopt.linalg import trace_estimate
 from curvopt.quant.plan import check_bits, quantizable_modules
 from curvopt.quant.quantizer import Quantizer
 from curvopt.quant.scores import (
-    CURVATURE_SCORES,
-    FISHER_CURVATURES,
+    SCORES,
     check_score,
-    curvature_score,
     data_subsets,
-    gptq_score,
     input_moments,
     measured_increases,
-    qbert_factor,
     weight_names,
 )
 
@@ -201,19 +197,7 @@ class SensitivityReport:
 
     def _score(self, row: LayerSensitivity, weight: torch.Tensor, bits: int, quantizer: Quantizer) -> float:
         """The report's score of one quantizable module at ``bits``."""
-        if row.status == "unused":  # the weight does not reach the loss: quantizing it changes nothing
-            return 0.0
-        if self.score in ("hawq_v2", "fisher"):
-            return curvature_score(row.weight_avg_trace, weight, bits, quantizer)
-        if self.score == "hawq_v1":
-            return curvature_score(_nan(row.weight_top_eigenvalue), weight, bits, quantizer)
-        if self.score == "qbert":
-            factor = qbert_factor(row.qbert_eigenvalues) if row.qbert_eigenvalues else math.nan
-            return curvature_score(factor, weight, bits, quantizer)
-        if self.score == "gptq":
-            return gptq_score(weight, self.input_moments[row.name], bits, quantizer)
-        raw = (row.measured_raw or {}).get(bits, math.nan)
-        return max(raw, 0.0) if math.isfinite(raw) else raw  # a negative increase (noise): no increase
+        return SCORES.get(self.score).value(row, weight, bits, quantizer, self.input_moments)
 
     def to_dict(self) -> dict[str, Any]:
         skip = ("layers", "quantizer", "input_moments")
@@ -269,10 +253,6 @@ class SensitivityReport:
         return head + "\n" + "\n".join(lines)
 
     __str__ = table
-
-
-def _nan(x: float | None) -> float:
-    return math.nan if x is None else float(x)
 
 
 def _same_quantizer(a: Any, b: Any) -> bool:
@@ -358,15 +338,15 @@ def sensitivity(
         UnsupportedModuleError: ``"gptq"`` on a module whose inputs it cannot take (see
             :func:`curvopt.quant.scores.input_moments`).
     """
-    score = check_score(score)
+    spec = SCORES.get(check_score(score))
     if curvature is None:
-        curvature = "fisher" if score == "fisher" else "hessian"
-    if score == "fisher" and curvature not in FISHER_CURVATURES:
-        raise OptionError(f"sensitivity: score='fisher' needs curvature= one of {', '.join(FISHER_CURVATURES)} "
-                          f"(Monte-Carlo or empirical Fisher), got {curvature!r}; or use score='hawq_v2'")
+        curvature = spec.default_curvature
+    if spec.curvatures and curvature not in spec.curvatures:
+        raise OptionError(f"sensitivity: score={score!r} needs curvature= one of {', '.join(spec.curvatures)} "
+                          f"({spec.curvature_note}), got {curvature!r}; or use score='hawq_v2'")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
         raise OptionError(f"sensitivity: probes must be an integer >= 0, got {probes!r}")
-    if probes == 0 and score in ("hawq_v2", "fisher"):
+    if probes == 0 and spec.needs_trace:
         raise OptionError(f"sensitivity: the {score!r} score needs the trace estimate; pass probes >= 1")
     if bits is not None:
         check_bits(bits, "sensitivity(bits=...)")
@@ -478,18 +458,16 @@ def _top_eigenvalue(model: nn.Module, data: Any, loss_fn: Any, curvature: str, w
 
 def _warn_negative(report: SensitivityReport, scored: dict[str, str]) -> None:
     """A curvature score's factor below 0 scores 0; say so, naming the modules."""
-    if report.score not in CURVATURE_SCORES:
+    spec = SCORES.get(report.score)
+    if spec.factor is None:
         return
     negative = []
     for name in scored:
-        row = report[name]
-        factor = {"hawq_v1": row.weight_top_eigenvalue,
-                  "qbert": qbert_factor(row.qbert_eigenvalues) if row.qbert_eigenvalues else None
-                  }.get(report.score, row.weight_avg_trace)
+        factor = spec.factor(report[name])
         if factor is not None and factor < 0:
             negative.append(f"{name!r} ({factor:.3g})")
     if negative:
-        what = "top eigenvalue" if report.score == "hawq_v1" else "weight trace"
+        what = spec.factor_name
         warnings.warn(f"sensitivity: the {report.curvature} {what} of {', '.join(negative)} is negative (an "
                       f"indefinite block away from a minimum, or too few probes): its {report.score!r} score is 0",
                       stacklevel=3)

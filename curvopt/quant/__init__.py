@@ -16,16 +16,18 @@ from curvopt.quant.fake import fake_quantized
 from curvopt.quant.finetune import finetune
 from curvopt.quant.plan import BitPlan, ParetoPoint, check_bits, plan_bits, quantizable_modules
 from curvopt.quant.quantizer import CLIPPINGS, QUANTIZER_NAMES, Quantizer, make_quantizer
-from curvopt.quant.scores import SCORE_NAMES
+from curvopt.quant.scores import SCORE_NAMES, SCORES, Score
 
 __all__ = [
     "CLIPPINGS",
     "METHODS",
     "QUANTIZER_NAMES",
+    "SCORES",
     "SCORE_NAMES",
     "BitPlan",
     "ParetoPoint",
     "Quantizer",
+    "Score",
     "allocate_bits",
     "check_bits",
     "fake_quantized",

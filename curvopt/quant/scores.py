@@ -13,6 +13,9 @@ that module's weight ``W`` is quantized: ``D_b = Q_b(W) - W`` with a :class:`~cu
   expected squared error of the layer's outputs; K-FAC's ``A`` factor, no second derivative);
 * ``"measured"``: the calibration loss with only that module quantized, minus the full-precision loss.
 
+Each name is a :class:`Score` in the registry :data:`SCORES` (what it needs: the trace, a Fisher, and
+how it scores a report row).
+
 The curvature scores are HAWQ's ``Omega``: twice the second-order Taylor prediction
 ``1/2 vec(D)^T H vec(D)`` of the loss increase when ``D`` spreads evenly over the block's eigenvectors.
 The block is the weight alone: only the weight is quantized, so the curvature of the bias (often much
@@ -23,7 +26,8 @@ larger per parameter) has no part in the increase. Each function here runs the u
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,22 +41,12 @@ from curvopt.errors import OptionError, UnsupportedModuleError
 from curvopt.quant.fake import fake_quantized
 from curvopt.quant.plan import check_bits
 from curvopt.quant.quantizer import Quantizer
+from curvopt.registry import Registry
 
-#: Score names accepted by :func:`curvopt.sensitivity` (``score=...``).
-SCORE_NAMES = ("hawq_v2", "hawq_v1", "qbert", "fisher", "gptq", "measured")
-#: Scores of the form ``c * ||Q_b(W) - W||^2`` with ``c`` a curvature statistic of the weight block.
-CURVATURE_SCORES = ("hawq_v2", "hawq_v1", "qbert", "fisher")
 #: Curvatures the ``"fisher"`` score accepts (``curvature=...``).
 FISHER_CURVATURES = ("fisher", "empirical_fisher")
 #: Q-BERT's subsets: how many, and the share of the samples in each.
 QBERT_SUBSETS, QBERT_FRACTION = 10, 0.1
-
-
-def check_score(score: Any) -> str:
-    """``score`` if it is a known score name, else an :class:`~curvopt.errors.OptionError` listing them."""
-    if not isinstance(score, str) or score not in SCORE_NAMES:
-        raise OptionError(f"sensitivity: unknown score {score!r}; valid scores: {', '.join(SCORE_NAMES)}")
-    return score
 
 
 def weight_names(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -246,3 +240,93 @@ def qbert_factor(eigenvalues: Sequence[float]) -> float:
     t = torch.tensor(list(eigenvalues), dtype=torch.float64)
     std = float(t.std(unbiased=True)) if t.numel() > 1 else 0.0
     return abs(float(t.mean())) + std
+
+
+# ---- the scores by name --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Score:
+    """What one score needs from :func:`curvopt.sensitivity` and how it scores a module from its report row.
+
+    Attributes:
+        rule: ``rule(row, weight, bits, quantizer, input_moments)``: the predicted loss increase of the row's
+            module with its ``weight`` at ``bits`` bits (a used module; an unused one scores 0 for every score).
+        factor: For a curvature score ``c * ||Q_b(W) - W||^2``, reads ``c`` from a row (``None`` where it was
+            not computed); ``None`` for the other scores.
+        factor_name: What ``c`` is called in the warning about a negative one.
+        needs_trace: Whether the score reads the weight block's trace (then ``probes >= 1``).
+        default_curvature: The backend when ``sensitivity(curvature=None)``.
+        curvatures: The backends the score accepts (empty: any), and ``curvature_note``, why.
+    """
+
+    rule: Callable[[Any, torch.Tensor, int, Quantizer, dict[str, torch.Tensor]], float]
+    factor: Callable[[Any], float | None] | None = None
+    factor_name: str = "weight trace"
+    needs_trace: bool = False
+    default_curvature: str = "hessian"
+    curvatures: tuple[str, ...] = ()
+    curvature_note: str = ""
+
+    def value(self, row: Any, weight: torch.Tensor, bits: int, quantizer: Quantizer,
+              input_moments: dict[str, torch.Tensor]) -> float:
+        """The score of ``row``'s module at ``bits``: 0 for an unused one (quantizing it changes nothing)."""
+        if row.status == "unused":
+            return 0.0
+        return self.rule(row, weight, bits, quantizer, input_moments)
+
+
+def _curvature_rule(factor: Callable[[Any], float | None]) -> Callable[..., float]:
+    """The rule of a curvature score: ``curvature_score`` of the row's factor (NaN where it is missing)."""
+
+    def rule(row: Any, weight: torch.Tensor, bits: int, quantizer: Quantizer, _: Any) -> float:
+        c = factor(row)
+        return curvature_score(math.nan if c is None else float(c), weight, bits, quantizer)
+
+    return rule
+
+
+def _avg_trace(row: Any) -> float:
+    return row.weight_avg_trace
+
+
+def _top_eigenvalue(row: Any) -> float | None:
+    return row.weight_top_eigenvalue
+
+
+def _qbert(row: Any) -> float | None:
+    return qbert_factor(row.qbert_eigenvalues) if row.qbert_eigenvalues else None
+
+
+def _gptq_rule(row: Any, weight: torch.Tensor, bits: int, quantizer: Quantizer,
+               input_moments: dict[str, torch.Tensor]) -> float:
+    return gptq_score(weight, input_moments[row.name], bits, quantizer)
+
+
+def _measured_rule(row: Any, weight: torch.Tensor, bits: int, quantizer: Quantizer, _: Any) -> float:
+    raw = (row.measured_raw or {}).get(bits, math.nan)
+    return max(raw, 0.0) if math.isfinite(raw) else raw  # a negative increase (noise): no increase
+
+
+#: The scores :func:`curvopt.sensitivity` takes by name (``score=...``), in the order they are listed.
+SCORES: Registry[Score] = Registry("score")
+SCORES.register("hawq_v2", Score(_curvature_rule(_avg_trace), _avg_trace, needs_trace=True), options=())
+SCORES.register("hawq_v1", Score(_curvature_rule(_top_eigenvalue), _top_eigenvalue, "top eigenvalue"),
+                options=())
+SCORES.register("qbert", Score(_curvature_rule(_qbert), _qbert), options=())
+SCORES.register("fisher", Score(_curvature_rule(_avg_trace), _avg_trace, needs_trace=True,
+                                default_curvature="fisher", curvatures=FISHER_CURVATURES,
+                                curvature_note="Monte-Carlo or empirical Fisher"), options=())
+SCORES.register("gptq", Score(_gptq_rule), options=())
+SCORES.register("measured", Score(_measured_rule), options=())
+#: Score names accepted by :func:`curvopt.sensitivity` (``score=...``).
+SCORE_NAMES = tuple(SCORES.names())
+#: Scores of the form ``c * ||Q_b(W) - W||^2`` with ``c`` a curvature statistic of the weight block.
+CURVATURE_SCORES = tuple(n for n in SCORE_NAMES if SCORES.get(n).factor is not None)
+
+
+def check_score(score: Any) -> str:
+    """``score`` if it is a registered score name, else an :class:`~curvopt.errors.OptionError` listing them."""
+    if score not in SCORES:  # also a name that is no string
+        raise OptionError(f"sensitivity: unknown score {score!r}; valid scores: {', '.join(SCORES.names())}")
+    return score

@@ -294,3 +294,26 @@ def test_bad_input_gives_errors_that_name_the_choices():
     other = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 3)).double()
     with pytest.raises(QuantizationError, match="no row for the quantizable module"):
         report.score_table(other, [4])
+
+
+def test_each_score_is_chosen_by_name_from_the_one_registry():
+    from curvopt.quant import SCORES
+    from curvopt.quant.scores import CURVATURE_SCORES, FISHER_CURVATURES
+
+    assert SCORE_NAMES == tuple(SCORES.names()) == ("hawq_v2", "hawq_v1", "qbert", "fisher", "gptq", "measured")
+    assert CURVATURE_SCORES == ("hawq_v2", "hawq_v1", "qbert", "fisher")
+    model, data, *_ = _problem()
+    for name in SCORE_NAMES:
+        spec = SCORES.get(name)
+        # what the entry says is what sensitivity does: the trace it needs, the curvature it defaults to
+        if spec.needs_trace:
+            with pytest.raises(OptionError, match=f"the '{name}' score needs the trace estimate"):
+                curvopt.sensitivity(model, data, score=name, probes=0)
+        report = curvopt.sensitivity(model, data, score=name, probes=3, measured_bits=(4,))
+        assert report.curvature == spec.default_curvature == ("fisher" if name == "fisher" else "hessian")
+        assert spec.curvatures == (FISHER_CURVATURES if name == "fisher" else ())
+    with pytest.raises(OptionError, match=r"score='fisher' needs curvature= one of fisher, empirical_fisher "
+                                          r"\(Monte-Carlo or empirical Fisher\), got 'ggn'"):
+        curvopt.sensitivity(model, data, score="fisher", curvature="ggn")
+    with pytest.raises(OptionError, match="unknown score 3; valid scores: hawq_v2, hawq_v1"):
+        curvopt.sensitivity(model, data, score=3)
