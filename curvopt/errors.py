@@ -77,3 +77,8 @@ class QuantizationError(CurvoptError, ValueError):
 
 class BudgetError(QuantizationError):
     """A size, BOPs or latency budget that no bit allocation meets; the message states the reachable range."""
+
+
+class DistributedError(CurvoptError, RuntimeError):
+    """The ranks of a data-parallel run disagree (e.g. their model replicas differ after training); raised
+    on every rank, the message names the cause and the fix."""

@@ -3,7 +3,8 @@
 ``torchrun --nproc_per_node=N -m curvopt train|analyze --config FILE`` starts N processes with ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` set; :func:`process_group` joins them (NCCL with one GPU per process when
 CUDA is available, else gloo) and tears the group down at exit. Without ``WORLD_SIZE > 1`` nothing happens
-and the command runs as one process.
+and the command runs as one process. After training, :func:`same_weights_as_rank0` and :func:`check_replicas`
+make sure that every rank holds the same model.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from curvopt.errors import DistributedError
 
 
 @dataclass(frozen=True)
@@ -96,4 +100,40 @@ def shard(n: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (rank < extra))
 
 
-__all__ = ["Launch", "current_launch", "process_group", "requested_world", "shard"]
+def same_weights_as_rank0(model: nn.Module, launch: Launch) -> None:
+    """Under torchrun, every rank's weights and buffers set to rank 0's (each trained the same way; this
+    rules out any difference in the last bit). One broadcast per dtype."""
+    if launch.world == 1:
+        return
+    from curvopt import distributed
+
+    tensors = [t for t in model.state_dict().values() if t.numel()]
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        distributed.broadcast_([t for t in tensors if t.dtype == dtype], src=0)
+
+
+def check_replicas(model: nn.Module, launch: Launch, name: str) -> None:
+    """Under torchrun, that every rank ends with rank 0's weights (DDP keeps gradients, not weights, in step: an
+    optimizer whose update depends on rank-local state would let the replicas drift apart silently).
+
+    Raises:
+        DistributedError: on every rank, naming the optimizer, when some rank's weights differ from rank 0's.
+    """
+    if launch.world == 1:
+        return
+    from curvopt import distributed
+
+    # the worst drift is agreed through one all-reduce, so that every rank raises, none waits for another
+    mine = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    theirs = mine.clone()
+    distributed.broadcast_([theirs], src=0)
+    drift = (mine - theirs).abs().max().reshape(1) / theirs.abs().max().clamp_min(1e-30)
+    (worst,) = distributed.sum_across([drift])
+    if float(worst) > 1e-6:
+        raise DistributedError(f"after training, the weights of the {launch.world} ranks differ (relative "
+                           f"{float(worst):.2g}): optimizer {name!r} does not keep DDP replicas in step; run it "
+                           f"in one process")
+
+
+__all__ = ["Launch", "check_replicas", "current_launch", "process_group", "requested_world",
+           "same_weights_as_rank0", "shard"]

@@ -6,13 +6,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from curvopt.cli import main
-from curvopt.cli.launch import shard
+from curvopt.cli.launch import check_replicas, current_launch, shard
+from curvopt.errors import CurvoptError, DistributedError
 from curvopt_tests.cli.configs import write_config as _write
+from curvopt_tests.distributed_harness import run_ranks
 
 ANALYZE = """
 [model]
@@ -46,12 +50,13 @@ progress = false
 """
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 -m curvopt ARGS`` (a free port of its own choosing), bounded."""
+def _torchrun(*args: str, module: str = "curvopt") -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m MODULE ARGS`` (a free port of its own choosing), bounded."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "curvopt", *args], capture_output=True, text=True, env=env, timeout=300)
+                           "-m", module, *args], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -97,8 +102,30 @@ def test_train_on_two_ranks_writes_one_set_of_outputs(tmp_path, name):
     assert "0.weight" in state and sorted(os.listdir(tmp_path / "run")) == ["metrics.csv", "model.pt"]
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["newton_mr", pytest.param("trust_region", marks=pytest.mark.slow),
+                                  pytest.param("arc", marks=pytest.mark.slow)])
+def test_newton_type_optimizers_train_on_two_ranks_and_every_rank_ends_with_the_same_weights(tmp_path, name):
+    # each rank's closure is over its own share of the batch; the optimizer combines the ranks (DDP's
+    # average takes no part), so every rank takes the same step: the replicas agree to the last bit
+    cfg = _write(tmp_path, TRAIN.format(name=name))
+    done = _torchrun("train", "--config", cfg, "--out", str(tmp_path / "run"),
+                     module="curvopt_tests.cli.torchrun_weights")
+    assert done.stdout.count(f"with {name}") == 1 and "2 ranks: effective batch 128" in done.stdout
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [int(r["iterations"]) for r in rows] == [12, 24]
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) and float(rows[-1]["test_acc"]) > 0.5
+    ranks = [torch.load(tmp_path / "run" / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert list(ranks[0]) == list(ranks[1]) == list(saved)
+    for key in saved:
+        assert torch.equal(ranks[0][key], ranks[1][key]) and torch.equal(ranks[0][key], saved[key]), key
+
+
 @pytest.mark.parametrize("command,text,message", [
-    ("train", "[optimizer]\nname = 'newton_mr'\n", "[optimizer] name = 'newton_mr' runs in one process only"),
+    # a config train cannot run (the Newton-type optimizers, refused here before, now run on several ranks)
+    ("train", "[schedule]\nname = 'gg'\noptions = { milestones = [1] }\n",
+     "[schedule] name = 'gg' needs max_batch_size"),
     ("quantize", "", "quantize runs in one process"),
 ])
 def test_what_cannot_run_on_several_ranks_is_refused_before_they_meet(tmp_path, capsys, monkeypatch, command,
@@ -120,3 +147,30 @@ def test_the_example_runs_under_torchrun(tmp_path):
     example = Path(__file__).resolve().parents[2] / "examples" / "distributed.toml"
     done = _torchrun("train", "--config", str(example), "--out", str(tmp_path / "run"))
     assert "with kfac" in done.stdout and (tmp_path / "run" / "model.pt").exists()
+
+
+def _replica_checks(rank, world):
+    """The replica check on equal weights, then with rank 1's moved by a relative 1e-3: what each rank saw."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    seen = []
+    for step in ("same", "moved"):
+        if step == "moved" and rank == 1:
+            with torch.no_grad():
+                model.weight.mul_(1 + 1e-3)
+        try:
+            check_replicas(model, current_launch(), "sgd")
+            seen.append(None)
+        except DistributedError as e:
+            seen.append(str(e))
+    return seen
+
+
+@pytest.mark.distributed
+def test_replicas_that_differ_raise_a_distributed_error_on_every_rank():
+    assert issubclass(DistributedError, CurvoptError)  # main() reports it in one line, exit status 2
+    results = run_ranks(_replica_checks, 2, timeout=60)
+    for same, moved in results:
+        assert same is None
+        assert moved is not None and "the weights of the 2 ranks differ (relative 0.001)" in moved
+        assert "optimizer 'sgd'" in moved
