@@ -28,7 +28,6 @@ from curvopt.cli.common import _dataset as _dataset  # the seams: the commands l
 from curvopt.cli.common import _model as _model
 from curvopt.cli.common import _train as _train
 from curvopt.cli.config import (
-    ALLOCATION_METHODS,
     ARCHS,
     DATASETS,
     DEFAULTS,
@@ -45,6 +44,7 @@ from curvopt.cli.quantization import quantize
 from curvopt.cli.training import _check_schedule, train
 from curvopt.cli.training import _make_schedule as _make_schedule
 from curvopt.errors import ConfigError, CurvoptError
+from curvopt.quant.allocate import METHODS as ALLOCATION_METHODS
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,6 @@ from curvopt.errors import ConfigError, CurvoptError
 
 #: The budget when ``[allocation]`` gives neither ``average_bits`` nor ``size_bytes``.
 DEFAULT_AVERAGE_BITS = 3.0
-ALLOCATION_METHODS = ("ilp", "pareto")
 #: ``[allocation] fixed`` names that stand for the first and the last quantizable module.
 FIXED_ALIASES = ("first", "last")
 ARCHS = ("cnn1d", "mlp", "transformer", "lstm")
@@ -64,6 +63,12 @@ def _scores() -> tuple[str, ...]:
     from curvopt.quant.scores import SCORE_NAMES
 
     return tuple(SCORE_NAMES)
+
+
+def _allocation_methods() -> tuple[str, ...]:
+    from curvopt.quant.allocate import ALLOCATORS
+
+    return tuple(ALLOCATORS.names())
 
 
 def _quantizers() -> tuple[str, ...]:
@@ -294,7 +299,7 @@ class AllocationTable(Table):
     bits: list[int] = key([2, 3, 4, 8])
     average_bits: list[float] = key([])
     size_bytes: list[float] = key([])
-    method: str = key("ilp", choices=ALLOCATION_METHODS)
+    method: str = key("ilp", choices=_allocation_methods)
     fixed: dict[str, Any] = key({})
     random: int = key(20, low=0)
 
@@ -548,23 +553,25 @@ def _check_quantize(config: QuantizeConfig, path: str) -> None:
 
 
 def sensitivity_curvature(config: Any) -> str:
-    """The curvature backend of ``[sensitivity]``: ``curvature``, or when empty the score's own (the Fisher
-    for ``"fisher"``, else the Hessian).
+    """The curvature backend of ``[sensitivity]``: ``curvature``, or when empty the score's own
+    (:data:`curvopt.quant.scores.SCORES`: the Fisher for ``"fisher"``, else the Hessian).
 
     Raises:
-        ConfigError: an unknown backend, or ``"fisher"`` on one that is no Fisher.
+        ConfigError: an unknown backend, or one the score does not accept (``"fisher"`` on one that is no
+            Fisher).
     """
-    from curvopt.quant.scores import FISHER_CURVATURES
+    from curvopt.quant.scores import SCORES
 
     score, name = config["sensitivity"]["score"], config["sensitivity"]["curvature"]
+    spec = SCORES.get(score)
     valid = _curvatures()
     if name and name not in valid:
         raise ConfigError(f"[sensitivity] curvature = {name!r}; valid: {', '.join(valid)} (or \"\": the score's "
                           f"own)")
-    if score == "fisher" and name and name not in FISHER_CURVATURES:
-        raise ConfigError(f"[sensitivity] score = 'fisher' needs curvature = one of "
-                          f"{', '.join(FISHER_CURVATURES)} (or \"\"), got {name!r}; or use score = 'hawq_v2'")
-    return name or ("fisher" if score == "fisher" else "hessian")
+    if spec.curvatures and name and name not in spec.curvatures:
+        raise ConfigError(f"[sensitivity] score = {score!r} needs curvature = one of "
+                          f"{', '.join(spec.curvatures)} (or \"\"), got {name!r}; or use score = 'hawq_v2'")
+    return name or spec.default_curvature
 
 
 def _sensitivity_keywords() -> set[str]:

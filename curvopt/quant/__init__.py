@@ -10,7 +10,7 @@ Pipeline::
     curvopt.quant.finetune(model, plan, train_loader, epochs=1)     # optional STE fine-tuning
 """
 
-from curvopt.quant.allocate import METHODS, allocate_bits
+from curvopt.quant.allocate import ALLOCATORS, METHODS, allocate_bits
 from curvopt.quant.baselines import random_plans, uniform_plan
 from curvopt.quant.fake import fake_quantized
 from curvopt.quant.finetune import finetune
@@ -19,6 +19,7 @@ from curvopt.quant.quantizer import CLIPPINGS, QUANTIZER_NAMES, Quantizer, make_
 from curvopt.quant.scores import SCORE_NAMES, SCORES, Score
 
 __all__ = [
+    "ALLOCATORS",
     "CLIPPINGS",
     "METHODS",
     "QUANTIZER_NAMES",

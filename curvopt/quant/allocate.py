@@ -31,8 +31,13 @@ from torch import nn
 
 from curvopt.errors import BudgetError, OptionError, QuantizationError
 from curvopt.quant.plan import BitPlan, ParetoPoint, check_bits, quantizable_modules
+from curvopt.registry import Registry
 
-METHODS = ("ilp", "pareto")
+#: The allocation methods by name (``allocate_bits(method=...)``), each with what it solves.
+ALLOCATORS: Registry[str] = Registry("method")
+ALLOCATORS.register("ilp", "HAWQ-V3's integer program, under any budgets", options=())
+ALLOCATORS.register("pareto", "HAWQ-V2's choice on the exact size/score frontier, under a size budget", options=())
+METHODS = tuple(ALLOCATORS.names())
 
 #: The frontier's dynamic program keeps at most this many points; beyond it, neighbouring points are merged
 #: (``BitPlan.pareto_exact`` is then False) so that a deep model costs seconds, not hours.
@@ -434,8 +439,8 @@ def allocate_bits(model_or_sizes: nn.Module | Mapping[str, int], scores: Any, *,
         QuantizationError: unknown module names, bits outside 2..8, missing, negative or non-finite scores.
         OptionError: an unknown ``method``, conflicting or missing budgets.
     """
-    if method not in METHODS:
-        raise OptionError(f"unknown method {method!r}; choose one of {', '.join(map(repr, METHODS))}")
+    if method not in ALLOCATORS:
+        raise OptionError(f"unknown method {method!r}; choose one of {', '.join(map(repr, ALLOCATORS.names()))}")
     layers = _layers(model_or_sizes)
     names = list(layers.numel)
     total = sum(layers.numel.values())

@@ -77,3 +77,28 @@ def test_block_diagonal_options_are_checked_by_its_base(tmp_path, capsys, no_dat
     # block_diagonal forwards its options to the base it builds: they are not refused as its own
     text = "[curvature]\nbackend = 'block_diagonal'\noptions = { base = 'fisher', mc_samples = 2 }\n"
     assert isinstance(load_config(_write(tmp_path, text)), AnalyzeConfig)
+
+
+def test_every_name_a_config_chooses_is_read_from_its_registry():
+    from curvopt.curvature.registry import CURVATURES
+    from curvopt.optim.registry import OPTIMIZERS
+    from curvopt.quant import ALLOCATORS, SCORES
+    from curvopt.quant.quantizer import QUANTIZERS
+    from curvopt.schedule.registry import SCHEDULES
+
+    def choices(config, section, name):
+        f = {f.name: f for f in dataclasses.fields(config[section])}[name]
+        valid = f.metadata["choices"]
+        return list(valid() if callable(valid) else valid)
+
+    assert choices(AnalyzeConfig(), "curvature", "backend") == CURVATURES.names()
+    assert choices(TrainConfig(), "optimizer", "name") == OPTIMIZERS.names()
+    assert choices(TrainConfig(), "schedule", "name") == SCHEDULES.names()
+    quantize = QuantizeConfig()
+    assert choices(quantize, "sensitivity", "score") == SCORES.names()
+    assert choices(quantize, "quantizer", "name") == QUANTIZERS.names()
+    assert choices(quantize, "allocation", "method") == ALLOCATORS.names() == ["ilp", "pareto"]
+    assert list(cli.ALLOCATION_METHODS) == ALLOCATORS.names()
+    # a score's own curvature and the ones it accepts come from its entry
+    quantize.sensitivity.score = "fisher"
+    assert cli.config.sensitivity_curvature(quantize) == SCORES.get("fisher").default_curvature == "fisher"
