@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from curvopt.cli.analysis import analyze
-from curvopt.cli.common import _dataset as _dataset  # the seams: the commands look them up here (see above)
+from curvopt.cli.common import _dataset as _dataset  # re-exported: seams (see above) and test helpers
 from curvopt.cli.common import _model as _model
 from curvopt.cli.common import _train as _train
 from curvopt.cli.config import (
