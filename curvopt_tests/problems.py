@@ -105,6 +105,18 @@ def _flat_params(model: nn.Module):
     return theta, unflat
 
 
+def reference_hessian(model: nn.Module, loss_fn, X, y) -> torch.Tensor:
+    """Reverse-over-reverse dense Hessian of ``loss_fn(model(X), y)`` in the flat order of
+    ``model.named_parameters()`` (``torch.autograd.functional.hessian``: right through LayerNorm, where
+    ``torch.func.hessian``'s forward-over-reverse is not in torch 2.13)."""
+    theta, unflat = _flat_params(model)
+
+    def risk(t):
+        return loss_fn(functional_call(model, unflat(t), (X,)), y)
+
+    return torch.autograd.functional.hessian(risk, theta)
+
+
 def dense_hessian(pb: Problem) -> torch.Tensor:
     theta, unflat = _flat_params(pb.model)
 

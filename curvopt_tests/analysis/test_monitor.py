@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call
 
 import curvopt
 from curvopt.analysis import CurvatureMonitor
 from curvopt.errors import EmptyDataError, MissingDependencyError, OptionError, UnknownCurvatureError
+from curvopt_tests.problems import reference_hessian
 
 PROBES = 12  # trace products per check: enough to exercise Hutch++, cheap on two cores
 
@@ -38,20 +38,7 @@ def _direct(model, loss_fn, probe, *, train=False, seed=0):
 
 def _dense_hessian(model, loss_fn, probe):
     """Reverse-over-reverse Hessian of the mean loss over the probe (every sample weighted equally)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    X = torch.cat([b[0] for b in probe])
-    y = torch.cat([b[1] for b in probe])
-
-    def loss(theta):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = theta[i:i + s.numel()].reshape(s)
-            i += s.numel()
-        return loss_fn(functional_call(model, params, (X,)), y)
-
-    return torch.autograd.functional.hessian(loss, flat)
+    return reference_hessian(model, loss_fn, torch.cat([b[0] for b in probe]), torch.cat([b[1] for b in probe]))
 
 
 def _state(model):

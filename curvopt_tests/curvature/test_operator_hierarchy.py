@@ -8,14 +8,12 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
-from torch.autograd.functional import hessian
-from torch.func import functional_call
 
 import curvopt
 from curvopt.curvature import BatchCurvatureOperator, CurvatureOperator, available_curvatures, curvature_class
 from curvopt.curvature.graph_hessian import GraphHessian
 from curvopt.linalg import LinearOperator, Shifted
-from curvopt_tests.problems import problems
+from curvopt_tests.problems import problems, reference_hessian
 
 STREAMING = {"hessian", "ggn", "fisher", "empirical_fisher"}
 
@@ -34,21 +32,6 @@ def test_every_registered_backend_is_a_curvature_operator_without_stubs():
     assert curvopt.CurvatureOperator is CurvatureOperator
     assert curvopt.BatchCurvatureOperator is BatchCurvatureOperator
 
-
-def reference_hessian(model, loss_fn, X, y):
-    """Reverse-over-reverse dense Hessian of the loss in the parameters' flat order."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def risk(t):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = t[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return loss_fn(functional_call(model, params, (X,)), y)
-
-    return hessian(risk, theta)
 
 
 @given(pb=problems(kinds=("mlp", "cnn1d")), shift=st.sampled_from([0.0, 0.3]), k=st.integers(1, 3))

@@ -10,23 +10,11 @@ from torch.func import functional_call
 import curvopt
 from curvopt.analysis.spectrum import AUTO_CACHE_BATCHES
 from curvopt.errors import OptionError
-from curvopt_tests.problems import problems
+from curvopt_tests.problems import problems, reference_hessian
 
 
-def reference_hessian(pb) -> torch.Tensor:
-    """Reverse-over-reverse Hessian of the risk in the flat parameters (float64)."""
-    names = [n for n, _ in pb.model.named_parameters()]
-    shapes = [p.shape for _, p in pb.model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in pb.model.named_parameters()])
-
-    def risk(t):
-        params, i = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = t[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return pb.loss_fn(functional_call(pb.model, params, (pb.X,)), pb.y)
-
-    return hessian(risk, theta)
+def _hessian(pb) -> torch.Tensor:
+    return reference_hessian(pb.model, pb.loss_fn, pb.X, pb.y)
 
 
 def counting_contexts(op):
@@ -48,7 +36,7 @@ def counting_contexts(op):
 def test_default_top_eigenvalues_within_their_tolerance(pb):
     """``tol=1e-3`` (default): each of the top 2 eigenvalues within 1e-3 of the dense one, relative to the
     spectral radius (an eigenvalue near 0 of an indefinite Hessian has no relative accuracy to speak of)."""
-    H = reference_hessian(pb)
+    H = _hessian(pb)
     ref = torch.linalg.eigvalsh(H).flip(0)
     k = min(2, H.shape[0])
     res = curvopt.top_eigenvalues(curvopt.curvature("hessian", pb.model, pb.loss_fn, pb.data), k)
