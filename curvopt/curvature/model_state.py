@@ -116,7 +116,15 @@ def seed_batch(index: int, seed: int = 0) -> None:
     """Seed the (forked) global generators for batch ``index``: every forward pass of a batch inside
     :func:`curvature_pass` draws the same dropout masks, so an operator is one fixed matrix.
     Call it at the start of each forward pass, inside :func:`curvature_pass` only."""
-    torch.manual_seed(MASK_SEED + 1_000_003 * int(seed) + int(index))
+    s = MASK_SEED + 1_000_003 * int(seed) + int(index)
+    # not torch.manual_seed: it also visits every accelerator backend PyTorch knows of (formatting a stack
+    # trace for each absent one), a cost paid once per batch of every product; the generators a model can
+    # draw from are the CPU's and those of an initialized CUDA or MPS device
+    torch.default_generator.manual_seed(s)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(s)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(s)
 
 
 def rng_states(model: nn.Module) -> list[torch.Tensor]:
