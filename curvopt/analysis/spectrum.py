@@ -13,7 +13,7 @@ from curvopt.curvature.block_diagonal import BlockDiagonalOperator
 from curvopt.curvature.data_loop import is_single_batch, one_bar
 from curvopt.errors import OptionError
 from curvopt.linalg import (
-    LanczosResult,
+    EigenResult,
     TraceEstimate,
     lanczos,
     power_iteration,
@@ -105,7 +105,7 @@ def top_eigenvalues(
     max_iter: int | None = None,
     seed: int | torch.Generator | None = 0,
     cache: bool | str = "auto",
-) -> LanczosResult:
+) -> EigenResult:
     """The ``k`` top (or bottom) eigenvalues and eigenvectors of ``op``.
 
     Lanczos with full reorthogonalization (default) or power iteration with deflation
@@ -140,7 +140,7 @@ def top_eigenvalues(
             :data:`AUTO_CACHE_BATCHES` batches). Nothing is kept after the call.
 
     Returns:
-        A :class:`~curvopt.linalg.LanczosResult`: ``eigenvalues [k]``,
+        A :class:`~curvopt.linalg.EigenResult`: ``eigenvalues [k]``,
         ``eigenvectors [P, k]``, residuals, number of products, ``converged``.
     """
     if method not in EIGEN_METHODS:

@@ -9,28 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from curvopt.linalg.operator import SymmetricOperator, gaussian, matmat, size_of
+from curvopt.linalg.eigen_result import EigenResult
+from curvopt.linalg.linear_operator import SymmetricOperator, matmat, size_of
+from curvopt.linalg.probes import gaussian
 
 WHICH = ("largest", "smallest")
-
-
-@dataclass
-class LanczosResult:
-    """Eigenpairs from Lanczos.
-
-    Attributes:
-        eigenvalues: ``[k]``, sorted by decreasing (``largest``) or increasing value.
-        eigenvectors: ``[P, k]`` orthonormal Ritz vectors.
-        residuals: ``[k]`` residual bounds ``|beta_m s_{m,i}| = ||A x_i - theta_i x_i||``.
-        iterations: Number of products with ``A``.
-        converged: Whether every pair met the tolerance.
-    """
-
-    eigenvalues: torch.Tensor
-    eigenvectors: torch.Tensor
-    residuals: torch.Tensor
-    iterations: int
-    converged: bool
 
 
 #: Columns per storage block of the Lanczos basis: the basis grows one block at a time as
@@ -192,7 +175,7 @@ def lanczos(
     min_iter: int | None = None,
     generator: torch.Generator | None = None,
     v0: torch.Tensor | None = None,
-) -> LanczosResult:
+) -> EigenResult:
     """The ``k`` largest (or smallest) eigenpairs of a symmetric operator by Lanczos.
 
     Converged when each wanted Ritz pair's residual bound ``|beta_m s_{m,i}|`` is below
@@ -235,7 +218,7 @@ def lanczos(
     m, kk = last.alpha.shape[0], theta.shape[0]
     converged = kk == k and _within(theta, bounds, tol)
     vecs = last.basis.combine(torch.from_numpy(np.ascontiguousarray(S)))
-    return LanczosResult(torch.from_numpy(theta.copy()).to(A.dtype), vecs, torch.from_numpy(bounds).to(A.dtype),
+    return EigenResult(torch.from_numpy(theta.copy()).to(A.dtype), vecs, torch.from_numpy(bounds).to(A.dtype),
                          m, converged)
 
 

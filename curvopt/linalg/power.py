@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from curvopt.linalg.lanczos import LanczosResult
-from curvopt.linalg.operator import SymmetricOperator, gaussian, matmat, size_of
+from curvopt.linalg.eigen_result import EigenResult
+from curvopt.linalg.linear_operator import SymmetricOperator, matmat, size_of
+from curvopt.linalg.probes import gaussian
 
 
 def power_iteration(
@@ -15,7 +16,7 @@ def power_iteration(
     tol: float = 1e-3,
     max_iter: int = 200,
     generator: torch.Generator | None = None,
-) -> LanczosResult:
+) -> EigenResult:
     """The ``k`` eigenpairs of largest magnitude, one at a time, deflating found ones.
 
     Each eigenvalue iterates ``v <- (A - sum_j lambda_j u_j u_j^T) v / ||.||`` until the
@@ -56,7 +57,7 @@ def power_iteration(
         vals.append(lam)
         vecs.append(v)
         converged_all &= converged
-    return LanczosResult(torch.stack(vals), torch.stack(vecs, 1), torch.stack(resid), products, converged_all)
+    return EigenResult(torch.stack(vals), torch.stack(vecs, 1), torch.stack(resid), products, converged_all)
 
 
 def _deflated(A, v, vals, vecs):

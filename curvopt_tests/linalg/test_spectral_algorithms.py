@@ -173,3 +173,13 @@ def test_lanczos_finds_repeated_eigenvalues_by_restarting(n, seed):
     res = lanczos(A, 3, tol=1e-10, max_iter=n, generator=g)
     torch.testing.assert_close(res.eigenvalues, torch.full((3,), 2.0, dtype=torch.float64), rtol=0, atol=1e-8)
     assert res.converged
+
+
+def test_lanczos_and_power_iteration_return_one_eigen_result_type():
+    from curvopt.linalg import EigenResult, LanczosResult, lanczos, power_iteration
+
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    for res in (lanczos(A, 1), power_iteration(A, 1)):
+        assert type(res) is EigenResult
+        torch.testing.assert_close(res.eigenvalues, torch.tensor([3.0], dtype=torch.float64))
+    assert LanczosResult is EigenResult  # the earlier name still imports
