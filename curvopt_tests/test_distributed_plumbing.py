@@ -127,6 +127,7 @@ def _one_rank_stalls(rank, world):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_harness_fails_instead_of_hanging_when_a_rank_stalls():
     # rank 0 normally finishes; on a loaded machine its start alone may take the whole timeout
     with pytest.raises(pytest.fail.Exception, match=r"rank\(s\) \[(0, )?1\] did not finish within 15 s"):

@@ -88,7 +88,7 @@ def test_analyze_on_two_ranks_equals_one_process(tmp_path, capsys):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("name", ["adam", "kfac"])
+@pytest.mark.parametrize("name", [pytest.param("adam", marks=pytest.mark.slow), "kfac"])
 def test_train_on_two_ranks_writes_one_set_of_outputs(tmp_path, name):
     cfg = _write(tmp_path, TRAIN.format(name=name))
     done = _torchrun("train", "--config", cfg, "--out", str(tmp_path / "run"))
@@ -141,6 +141,7 @@ def test_what_cannot_run_on_several_ranks_is_refused_before_they_meet(tmp_path, 
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_the_example_runs_under_torchrun(tmp_path):
     from pathlib import Path
 

@@ -52,16 +52,35 @@ def _train(kind, model, loss_fn, data):
     return losses, sizes, eigs, seen
 
 
-def _rank(rank, world, kind):
+KINDS = ("fb", "gg", "absa")
+
+
+def _rank(rank, world):
+    """Every schedule on this rank (one spawn for all: starting ranks costs seconds), and whether a plain
+    model is refused."""
+    out = {}
+    for kind in KINDS:
+        model, loss_fn, data = _problem()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        losses, sizes, eigs, seen = _train(kind, ddp, loss_fn, data)
+        out[kind] = ([p.detach().clone() for p in model.parameters()], losses, sizes, eigs, seen)
     model, loss_fn, data = _problem()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    losses, sizes, eigs, seen = _train(kind, ddp, loss_fn, data)
-    return [p.detach().clone() for p in model.parameters()], losses, sizes, eigs, seen
+    try:
+        FixedBatchSize(torch.optim.SGD(model.parameters(), lr=0.1), model, loss_fn, data, batch_size=4)
+        out["plain"] = None
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        out["plain"] = (type(e).__name__, str(e))
+    return out
 
 
-@pytest.mark.parametrize("kind", ["fb", "gg", "absa"])
-def test_two_ranks_with_ddp_equal_one_process(kind):
-    results = run_ranks(_rank, 2, kind)
+@pytest.fixture(scope="module")
+def two_ranks():
+    return run_ranks(_rank, 2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_ranks_with_ddp_equal_one_process(kind, two_ranks):
+    results = [r[kind] for r in two_ranks]
     model, loss_fn, data = _problem()
     losses, sizes, eigs, seen = _train(kind, model, loss_fn, data)
     assert sum(r[4] for r in results) == seen  # each rank trained on its share of every batch, not all of it
@@ -77,17 +96,8 @@ def test_two_ranks_with_ddp_equal_one_process(kind):
         assert len(set(sizes)) > 1  # the schedule did grow
 
 
-def _plain_model_rank(rank, world):
-    model, loss_fn, data = _problem()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    try:
-        FixedBatchSize(opt, model, loss_fn, data, batch_size=4)
-    except Exception as e:  # noqa: BLE001 - the error is the result
-        return type(e).__name__, str(e)
-    return None
-
-
-def test_a_model_without_ddp_on_two_ranks_is_refused():
-    for name, message in run_ranks(_plain_model_rank, 2):
+def test_a_model_without_ddp_on_two_ranks_is_refused(two_ranks):
+    for r in two_ranks:
+        name, message = r["plain"]
         assert name == "OptionError"
         assert "DistributedDataParallel" in message and "2 ranks" in message
