@@ -236,7 +236,13 @@ def accumulate(
                 batch_of_loss.append(index)
             scale = float(n) if reduction == "mean" else 1.0
             scaled = [scale * t for t in parts]
-            total = scaled if total is None else [a + b for a, b in zip(total, scaled)]
+            if total is None:
+                total = scaled  # fresh tensors (a product's own may be kept by it, e.g. a cached context's)
+            else:
+                # in place into the loop's own sums: the same rounding as ``a + b``, one allocation of the
+                # result's size less per batch (for a large model, fresh pages the system must zero)
+                for a, b in zip(total, scaled):
+                    a.add_(b)
             n_samples += n
         _check_finite(unchecked, batch_of_loss)
     except Exception as exc:
@@ -260,7 +266,8 @@ def accumulate(
         raise EmptyDataError("data holds no samples: every batch is empty"
                              + ("" if weight is None else " or has only ignored targets"))
     if reduction == "mean":
-        total = [t / n_samples for t in total]
+        for t in total:  # the loop's own tensors (or the collective's): divided in place, as ``t / n`` rounds
+            t.div_(n_samples)
     return total
 
 

@@ -66,3 +66,29 @@ def test_block_diagonal_custom_grouping(pb):
     assert [b.name for b in op.blocks] == ["weights", "biases"]
     full = dense_hessian(pb)
     _close(op.to_dense(), torch.where(block_mask(op), full, torch.zeros_like(full)))
+
+
+@pytest.mark.parametrize("name,dense", [("hessian", dense_hessian), ("ggn", dense_ggn),
+                                        ("empirical_fisher", dense_empirical_fisher)])
+@given(pb=problems())
+def test_one_uncached_vector_matches_dense(name, dense, pb):
+    """``op @ v`` for one vector takes its own paths (the Hessian's eager double backward, the others'
+    unvectorized matvec), which ``to_dense``'s columns never reach: they agree with the dense matrix too."""
+    op = curvopt.curvature(name, pb.model, pb.loss_fn, pb.data)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    _close(op @ v, dense(pb) @ v)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_accumulate_never_writes_into_a_products_tensors(reduction):
+    """The data loop sums in place into tensors of its own: tensors a product returns (here one kept tensor,
+    as a cached context may hand out) are left as they were, and the result is the exact weighted sum."""
+    from curvopt.curvature.data_loop import accumulate
+
+    kept = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    before = kept.clone()
+    batches = [(torch.zeros(n, 1), torch.zeros(n)) for n in (3, 1, 2)]
+    out = accumulate(lambda i, X, y: (torch.tensor(0.0), [kept]), batches, reduction=reduction)[0]
+    assert torch.equal(kept, before)
+    torch.testing.assert_close(out, before if reduction == "mean" else 3 * before, rtol=0, atol=0)
+    assert out.data_ptr() != kept.data_ptr()
