@@ -17,6 +17,7 @@ unchanged). The Gauss-Newton family needs three things from a loss:
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,35 @@ from curvopt.errors import UnsupportedLossError
 
 SUPPORTED_LOSSES = ("CrossEntropyLoss", "MSELoss", "BCEWithLogitsLoss")
 REDUCTIONS = ("mean", "sum")
+
+
+#: ``id(targets) -> (weak ref, version, ignore_index, count)``: see :func:`counted_targets`.
+_COUNTS: dict[int, tuple[Any, int, int, int]] = {}
+
+
+def counted_targets(y: torch.Tensor, ignore_index: int) -> int:
+    """The entries of the class-index targets ``y`` that are not ``ignore_index``.
+
+    Counting reads the host (a synchronisation when ``y`` lives on an accelerator), and a product passes over
+    the same batches again and again: the count of a targets tensor met again unmodified (its version
+    counter unchanged) is remembered for as long as the tensor lives, so data held on the device costs one
+    read per batch, not one per batch and product."""
+    try:
+        version = None if y.is_inference() else y._version
+    except (AttributeError, RuntimeError):  # a tensor without a version counter (transform wrappers)
+        version = None
+    key = id(y)
+    hit = _COUNTS.get(key) if version is not None else None
+    if hit is not None and hit[0]() is y and hit[1] == version and hit[2] == ignore_index:
+        return hit[3]
+    count = int((y != ignore_index).sum())
+    if version is not None:
+        try:  # the entry goes with its tensor, before its id can be reused
+            ref = weakref.ref(y, lambda _, k=key: _COUNTS.pop(k, None))
+        except TypeError:
+            return count
+        _COUNTS[key] = (ref, version, ignore_index, count)
+    return count
 
 
 @dataclass(frozen=True)
@@ -93,7 +123,7 @@ class CrossEntropySpec(LossSpec):
 
     def terms(self, out, y=None):
         if y is not None and not y.dtype.is_floating_point:
-            return int((y != self.ignore_index).sum())
+            return counted_targets(y, self.ignore_index)
         return out.numel() // out.shape[1]
 
     def draw_units(self, y):
@@ -378,9 +408,9 @@ def loss_terms(loss_fn: Any, y: Any, n: int, reduction: str = "mean") -> float:
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         if y.dtype.is_floating_point:
             return y.numel() // y.shape[1] if y.dim() > 1 else 1
-        counted = y != loss_fn.ignore_index
         if loss_fn.weight is None:
-            return int(counted.sum())
+            return counted_targets(y, loss_fn.ignore_index)
+        counted = y != loss_fn.ignore_index
         return float(loss_fn.weight.to(y.device)[y[counted]].sum())
     if isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
         return y.numel()
