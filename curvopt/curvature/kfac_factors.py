@@ -245,19 +245,29 @@ def _damped_inverses(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tor
     return out
 
 
+def bias_blocks(A_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks ``(P [d, d], q [d], r [])`` of ``A_inv = [[P, q], [q^T, r]]`` ``[d + 1, d + 1]`` (a bias
+    layer's inverse input factor), as views, for :func:`factored_product`: a caller that applies the same
+    inverse at many steps takes them once instead of slicing at every step."""
+    d = A_inv.shape[0] - 1
+    return A_inv[:d, :d], A_inv[:d, d], A_inv[d, d]
+
+
 def factored_product(
-    G_inv: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor | None, A_inv: torch.Tensor
+    G_inv: torch.Tensor, gw: torch.Tensor, gb: torch.Tensor | None, A_inv: torch.Tensor,
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A layer's K-FAC update ``G_inv [gw | gb] A_inv`` (weight gradient ``gw`` ``[out, in]``, bias
     gradient ``gb`` ``[out]`` or None), as its weight and bias parts, without forming
     ``[gw | gb]``: with ``A_inv = [[P, q], [q^T, r]]`` the weight part is
     ``G_inv (gw P + gb q^T)`` and the bias part ``G_inv (gw q + r gb)``. The matrix products then
-    keep the layer's own sizes (often multiples of the SIMD width) instead of one more column."""
+    keep the layer's own sizes (often multiples of the SIMD width) instead of one more column.
+    ``blocks``: :func:`bias_blocks` of ``A_inv``, when the caller has them."""
     if gb is None:
         return G_inv @ gw @ A_inv, None
-    d = gw.shape[1]
-    T = (gw @ A_inv[:d, :d]).addr_(gb, A_inv[:d, d])
-    t = torch.addcmul(gw @ A_inv[:d, d], gb, A_inv[d, d])  # r stays a tensor: no device sync
+    P, q, r = bias_blocks(A_inv) if blocks is None else blocks
+    T = (gw @ P).addr_(gb, q)
+    t = torch.addcmul(gw @ q, gb, r)  # r stays a tensor: no device sync
     return G_inv @ T, G_inv @ t
 
 

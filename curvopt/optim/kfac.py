@@ -32,7 +32,9 @@ from curvopt.curvature.kfac_factors import (
     KroneckerFactors,
     LayerStatistics,
     StepStatistics,
+    bias_blocks,
     damped_inverse_entries,
+    factored_product,
     input_factor,
     output_factor,
     statistics_dtype,
@@ -68,6 +70,12 @@ def _all_finite(tensors: list[torch.Tensor], known_sum: float | None = None) -> 
     if math.isfinite(total):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; ``t`` itself, without a dispatch, when it already is (the step's hot path runs
+    after a backward pass has evicted the dispatcher's code from the caches, so each no-op call costs)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _decayed(grad: torch.Tensor, p: torch.Tensor, wd: float) -> torch.Tensor:
@@ -222,6 +230,8 @@ class KFAC(Optimizer):
         self._warned_diagonal = False
         self._mc = {"step": False, "forward": False}  # mc_backward called / a recorded layer ran
         self._plans: dict[int, tuple] = {}  # id(group) -> (signature, plan), see _plan
+        # id(weight) -> (inv_A, its bias_blocks): the views are taken once per inverse, not at every step
+        self._blocks: dict[int, tuple[torch.Tensor, tuple]] = {}
         self.grad_scaler = grad_scaler
         self.distribute, self.lazy_sync, self.process_group = distribute, bool(lazy_sync), process_group
         self.communication = CommunicationLog()
@@ -401,6 +411,7 @@ class KFAC(Optimizer):
             for k, v in saved.get(index, {}).items():
                 self.state[p][k] = _on_device(v, p.device)
         self._plans.clear()
+        self._blocks.clear()
         # a weight with factors is preconditioned only once its layer is known (its bias is part of the
         # block): the hooks stay until the next forward pass has shown every such layer
         self._undiscovered = {id(p) for p in params if "A" in self.state.get(p, {})} - self._layers.keys()
@@ -640,11 +651,11 @@ class KFAC(Optimizer):
         for (p, bias, state, bias_state, _), entries, (gw, gb), (u_w, u_b) in zip(
                 active, *self._precondition(group, active, inverses)):
             params.append(p)
-            steps.append(u_w.view_as(p).to(p.dtype))
+            steps.append(_cast(u_w if u_w.shape == p.shape else u_w.view_as(p), p.dtype))
             states.append(state)
             if u_b is not None and bias.grad is not None:  # a bias without a gradient stays put
                 params.append(bias)
-                steps.append(u_b.to(bias.dtype))
+                steps.append(_cast(u_b, bias.dtype))
                 states.append(bias_state)
             if kl:  # update . grad of the whole layer
                 dots.append(torch.vdot(u_w.reshape(-1), gw.reshape(-1)))
@@ -655,7 +666,7 @@ class KFAC(Optimizer):
         extra += [(p, _decayed(p.grad, p, wd), p.grad) for p in plain]
         for p, u, _ in extra:
             params.append(p)
-            steps.append(u.to(p.dtype))
+            steps.append(_cast(u, p.dtype))
             states.append(self.state[p])
         if not params:
             for state, entries in commits:
@@ -674,7 +685,7 @@ class KFAC(Optimizer):
         update ``(A ⊗ G + damping)^{-1} [gw | gb]`` as ``(u_w, u_b)``. Under ``mem_opt`` each rank
         preconditions the layers it owns, and the updates are summed over the ranks in one collective
         (the other ranks' parts are zeros)."""
-        damping, wd = group["damping"], group["weight_decay"]
+        damping, wd, factored = group["damping"], group["weight_decay"], group["factored_damping"]
         all_entries, grads, updates = [], [], []
         mem_opt = self._mode() == "mem_opt"
         owners, me = (self._owners(), distributed.rank(self.process_group)) if mem_opt else ({}, 0)
@@ -683,25 +694,39 @@ class KFAC(Optimizer):
             if inverse is not None:
                 entries.update(inverse)
             dtype = state["A"].dtype  # float32 for half-precision layers: the update is computed in it
-            gw = _decayed(p.grad, p, wd).to(dtype)
+            gw = _cast(_decayed(p.grad, p, wd), dtype)
             gw = gw if gw.dim() == 2 else gw.reshape(gw.shape[0], -1)
             gb = None
             if bias is not None:
-                gb = _decayed(bias.grad if bias.grad is not None else torch.zeros_like(bias), bias, wd).to(dtype)
+                gb_raw = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+                gb = _cast(_decayed(gb_raw, bias, wd), dtype)
             all_entries.append(entries)
             grads.append((gw, gb))
             if mem_opt and owners[id(p)] != me:
                 updates.append((torch.zeros_like(gw), None if gb is None else torch.zeros_like(gb)))
                 continue
+            inv_A = entries.get("inv_A", state.get("inv_A"))
+            if factored and inv_A is not None and entries.get("inv_damping", state.get("inv_damping")) == damping:
+                # what KroneckerFactors.multiply does with stored inverses, with the inverse's blocks taken once
+                blocks = None if gb is None else self._bias_blocks(p, inv_A)
+                updates.append(factored_product(entries.get("inv_G", state.get("inv_G")), gw, gb, inv_A, blocks))
+                continue
             # the held-back entries over the state: the step's inverses, stored only once it is taken
             block = KroneckerFactors(ChainMap(entries, state))
-            updates.append(block.multiply(gw, gb, power=-1, damping=damping, factored=group["factored_damping"]))
+            updates.append(block.multiply(gw, gb, power=-1, damping=damping, factored=factored))
         if mem_opt and updates:
             flat = [u for pair in updates for u in pair if u is not None]
             summed = iter(distributed.sum_across(flat, self.process_group))
             self.communication.add("updates", flat)
             updates = [(next(summed), None if u_b is None else next(summed)) for _, u_b in updates]
         return all_entries, grads, updates
+
+    def _bias_blocks(self, p: torch.Tensor, inv_A: torch.Tensor) -> tuple:
+        """:func:`bias_blocks` of the layer's ``inv_A``, cached while that inverse stays."""
+        cached = self._blocks.get(id(p))
+        if cached is None or cached[0] is not inv_A:
+            cached = self._blocks[id(p)] = (inv_A, bias_blocks(inv_A))
+        return cached[1]
 
     def _inverses(self, group: dict, layers: list[tuple], new: dict[int, dict]) -> list[dict | None]:
         """Per layer, the refreshed inverses (or eigendecompositions) as state entries, or None when the
