@@ -263,12 +263,13 @@ def factored_product(
     ``G_inv (gw P + gb q^T)`` and the bias part ``G_inv (gw q + r gb)``. The matrix products then
     keep the layer's own sizes (often multiples of the SIMD width) instead of one more column.
     ``blocks``: :func:`bias_blocks` of ``A_inv``, when the caller has them."""
+    # torch.mm/mv: what ``@`` dispatches to for these ranks, without Tensor.__matmul__'s Python wrapper
     if gb is None:
-        return G_inv @ gw @ A_inv, None
+        return (torch.mm(torch.mm(G_inv, gw), A_inv) if gw.dim() == 2 else G_inv @ gw @ A_inv), None
     P, q, r = bias_blocks(A_inv) if blocks is None else blocks
-    T = (gw @ P).addr_(gb, q)
-    t = torch.addcmul(gw @ q, gb, r)  # r stays a tensor: no device sync
-    return G_inv @ T, G_inv @ t
+    T = torch.mm(gw, P).addr_(gb, q)
+    t = torch.addcmul(torch.mv(gw, q), gb, r)  # r stays a tensor: no device sync
+    return torch.mm(G_inv, T), torch.mv(G_inv, t)
 
 
 def kronecker_solve(
