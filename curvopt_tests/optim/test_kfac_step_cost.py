@@ -127,3 +127,34 @@ def _train(model, opt, batches):
         opt.zero_grad()
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
+
+
+def test_each_step_applies_the_inverses_stored_for_it_across_refreshes_and_a_loaded_state():
+    """The step applies the bias layer's ``inv_A`` through blocks taken once per inverse (cached by the
+    inverse's identity): at every step, also the first after an inverse refresh and after a state dict
+    replaced the inverses, the update is ``G_inv [gw | gb] A_inv`` of the inverses stored in the state."""
+    torch.manual_seed(0)
+    model = mlp((40, 8, 10)).double()
+    kw = dict(lr=1.0, momentum=0.0, kl_clip=0.0, factor_every=1, inverse_every=2)
+    opt = curvopt.KFAC(model.parameters(), **kw)
+    other_model = copy.deepcopy(model)
+    other = curvopt.KFAC(other_model.parameters(), **kw)
+    _train(other_model, other, [(X.double(), y) for X, y in _batches(3, d_in=40, seed=1)])
+    checked = 0
+    for i, (X, y) in enumerate(_batches(8, d_in=40)):
+        if i == 5:  # step 5 does not refresh: it must use the loaded inverses, not the blocks of the old ones
+            opt.load_state_dict(copy.deepcopy(other.state_dict()))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X.double()), y).backward()
+        before = [(m.weight.detach().clone(), m.bias.detach().clone(), m.weight.grad.clone(), m.bias.grad.clone())
+                  for m in model if isinstance(m, nn.Linear)]
+        opt.step()
+        for m, (w0, b0, gw, gb) in zip([m for m in model if isinstance(m, nn.Linear)], before):
+            state = opt.state[m.weight]
+            if "inv_A" not in state:
+                continue
+            u = state["inv_G"] @ torch.cat([gw, gb[:, None]], 1) @ state["inv_A"]
+            torch.testing.assert_close(w0 - m.weight.detach(), u[:, :-1], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(b0 - m.bias.detach(), u[:, -1], rtol=1e-10, atol=1e-12)
+            checked += 1
+    assert checked >= 12
