@@ -127,7 +127,8 @@ class CrossEntropySpec(LossSpec):
         return out.numel() // out.shape[1]
 
     def draw_units(self, y):
-        return self.terms(y.unsqueeze(1), y) if y.dtype.is_floating_point else self.terms(None, y)
+        # soft targets [N, C, *spatial]: one draw per sample and position, as sampled_gradients keys them
+        return self.terms(y, None) if y.dtype.is_floating_point else self.terms(None, y)
 
     def counted(self, out, y):
         if y is None or y.dtype.is_floating_point:

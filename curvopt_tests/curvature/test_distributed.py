@@ -168,14 +168,16 @@ def test_an_fsdp_sharded_model_is_refused_with_the_reason():
     assert not dist.is_initialized()
 
 
-@pytest.mark.parametrize("loss", ["ce", "ce_padded", "mse", "bce"])
+@pytest.mark.parametrize("loss", ["ce", "ce_padded", "ce_soft", "mse", "bce"])
 def test_fisher_labels_do_not_depend_on_batching(loss):
     """Keyed by the global sample index (by the counted target for cross entropy), the Monte-Carlo labels
     of a sample are the same whatever batch it sits in: what lets ranks reproduce one process."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     X = torch.randn(9, 3, dtype=torch.float64)
-    if loss.startswith("ce"):
+    if loss == "ce_soft":  # class probabilities: one draw per sample, not per class entry
+        loss_fn, y = nn.CrossEntropyLoss(), torch.softmax(torch.randn(9, 3, dtype=torch.float64), 1)
+    elif loss.startswith("ce"):
         loss_fn, y = nn.CrossEntropyLoss(), torch.randint(0, 3, (9,))
     elif loss == "mse":
         loss_fn, y = nn.MSELoss(), torch.randn(9, 3, dtype=torch.float64)
