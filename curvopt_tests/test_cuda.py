@@ -131,3 +131,25 @@ def test_adaptive_batch_size_probe_and_quantization_on_the_device():
     with curvopt.fake_quantized(m, plan):
         assert torch.isfinite(m(X)).all()
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the counted-targets memo is for accelerators (the CPU recounts)")
+def test_counted_targets_are_read_from_the_device_once_per_batch_not_per_product():
+    """Cross entropy weighs each batch by its counted targets, a host read: with the data held on the device
+    (the same target tensors at every product) it happens once per batch, not once per batch and product; a
+    batch whose targets change in place is counted again."""
+    from curvopt_tests.host_reads import CountHostReads
+
+    model, data = _problem()
+    model, data = _on(model, data, DEVICE)
+    data[0][1][:5] = -100
+    op = curvopt.curvature("ggn", model, nn.CrossEntropyLoss(), data)
+    v = torch.randn(op.shape[0], device=DEVICE)
+    first = op @ v
+    with CountHostReads({"__int__", "__float__", "item"}) as mode:
+        again = op @ v
+    assert mode.count == 0
+    assert torch.equal(first, again)
+    data[0][1][:5] = 0  # in place: the version counter moves, so batch 0 is counted again
+    reference = curvopt.curvature("ggn", model, nn.CrossEntropyLoss(), [(X, y.clone()) for X, y in data]) @ v
+    _close(op @ v, reference, rtol=1e-5, atol=1e-7)

@@ -40,12 +40,14 @@ _COUNTS: dict[int, tuple[Any, int, int, int]] = {}
 def counted_targets(y: torch.Tensor, ignore_index: int) -> int:
     """The entries of the class-index targets ``y`` that are not ``ignore_index``.
 
-    Counting reads the host (a synchronisation when ``y`` lives on an accelerator), and a product passes over
-    the same batches again and again: the count of a targets tensor met again unmodified (its version
+    Counting reads the host, a synchronisation when ``y`` lives on an accelerator, and a product passes over
+    the same batches again and again: there, the count of a targets tensor met again unmodified (its version
     counter unchanged) is remembered for as long as the tensor lives, so data held on the device costs one
-    read per batch, not one per batch and product."""
+    read per batch, not one per batch and product. Writes that bypass the version counter (through ``.data``)
+    are not seen on a device. On the CPU the count is cheap and always taken afresh (a tensor sharing memory
+    with a numpy array changes without its version counter knowing)."""
     try:
-        version = None if y.is_inference() else y._version
+        version = None if y.is_inference() or y.device.type == "cpu" else y._version
     except (AttributeError, RuntimeError):  # a tensor without a version counter (transform wrappers)
         version = None
     key = id(y)
