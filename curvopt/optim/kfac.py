@@ -498,8 +498,16 @@ class KFAC(Optimizer):
         checked = False
         if new:  # a factor update: nothing may enter the factors before it is known to be finite
             sums = [total for factors in new.values() for total, _ in factors.values()]
-            if not _all_finite(grads + sums):
-                what = "gradient" if not _all_finite(grads) else "Kronecker factor"
+            ok = _all_finite(grads + sums)
+            if self.lazy_sync and distributed.active(self.process_group) and sums:
+                # lazy sync keeps each rank's statistics local: the ranks agree on the skip, or a rank that
+                # skips leaves the others waiting in the next factor sync
+                flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64, device=sums[0].device)
+                (flag,) = distributed.sum_across([flag], self.process_group)
+                ok = float(flag) == 0.0
+            if not ok:
+                what = ("gradient" if not _all_finite(grads) else
+                        "Kronecker factor" if not _all_finite(sums) else "Kronecker factor on another rank")
                 warnings.warn(f"KFAC: non-finite {what}; step skipped, parameters and factors unchanged",
                               stacklevel=3)
                 self._clear()

@@ -96,13 +96,14 @@ def _reference(kw):
 
 
 def _expected_collectives(kw):
-    """Per step: 1 for the statistics at a factor update (or, lazy, for the factors before an inversion),
-    1 for the inverses at an inversion (comm_opt), 1 for the updates at every step (mem_opt)."""
+    """Per step: 1 for the statistics at a factor update (or, lazy, a one-number agreement on their finiteness
+    at a factor update and 1 for the factors before an inversion), 1 for the inverses at an inversion
+    (comm_opt), 1 for the updates at every step (mem_opt)."""
     counts = []
     for step in range(STEPS):
         factor = step % kw["factor_every"] == 0
         inverse = step % kw["inverse_every"] == 0 or (step < kw["inverse_every"] and factor)
-        n = (inverse if kw.get("lazy_sync") else factor) + (kw["distribute"] == "comm_opt" and inverse)
+        n = (factor + inverse if kw.get("lazy_sync") else factor) + (kw["distribute"] == "comm_opt" and inverse)
         counts.append(n + (kw["distribute"] == "mem_opt"))
     return counts
 
@@ -131,3 +132,27 @@ def test_ddp_kfac_equals_one_process_on_the_whole_batch_in_every_mode():
 def test_bad_distribute_names_the_choices():
     with pytest.raises(OptionError, match="'replicate', 'comm_opt', 'mem_opt'"):
         curvopt.KFAC(_model().parameters(), distribute="kaisa")
+
+
+def _overflow_on_one_rank(rank, world):
+    """Rank 1's inputs overflow its Kronecker factor A (its gradient stays finite: zero)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = curvopt.KFAC(model.parameters(), lazy_sync=True, factor_every=1, inverse_every=1)
+    x = torch.randn(5, 3) * (1e20 if rank == 1 else 1.0)
+    (model(x) * 0).sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    return [str(w.message) for w in caught], unchanged
+
+
+def test_lazy_sync_ranks_agree_on_skipping_a_non_finite_factor_update():
+    """With lazy sync the statistics stay local until an inversion: a non-finite factor on one rank is skipped
+    by every rank (before, that rank skipped alone and the other waited in the factor sync until the timeout)."""
+    for rank, (messages, unchanged) in enumerate(run_ranks(_overflow_on_one_rank, 2, timeout=60)):
+        assert unchanged
+        expected = "Kronecker factor;" if rank == 1 else "Kronecker factor on another rank"
+        assert any("step skipped" in m and expected in m for m in messages), (rank, messages)
