@@ -212,6 +212,7 @@ def accumulate(
     total: list[torch.Tensor] | None = None
     unchecked: list[tuple[torch.Tensor, Any]] = []  # losses not yet found finite: (detached, weak ref to the loss)
     n_samples = 0
+    seen = 0  # samples met, counted targets or not
     batch_of_loss: list[int] = []  # the batch index behind each unchecked loss
     batches = iterate_batches(data)
     estimator_bar = _ESTIMATOR_BAR.get() if progress else None
@@ -226,6 +227,7 @@ def accumulate(
     try:
         for index, (X, y) in enumerate(batches):
             n = batch_size(X)
+            seen += n
             if n > 0 and weight is not None:
                 n = weight(X, y, n)
             if n == 0:
@@ -254,7 +256,9 @@ def accumulate(
         estimator_bar.update(1)
 
     if grouped:
-        if failure is None and n_samples == 0:
+        # a rank whose samples all have ignored targets (padding) adds nothing, as such a batch does alone;
+        # one with no samples at all is a sharding mistake
+        if failure is None and n_samples == 0 and (seen == 0 or zeros is None):
             failure = EmptyDataError(
                 "this rank's data holds no samples (no batch, or every batch is empty"
                 + ("" if weight is None else " or has only ignored targets")

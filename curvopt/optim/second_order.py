@@ -188,7 +188,13 @@ class SecondOrderOptimizer(Optimizer, ABC):
             with torch.enable_grad(), self._same_randomness(params):
                 loss = closure.loss()
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
-            head = torch.stack([w * loss.detach().reshape(()).to(dtype), torch.tensor(w, dtype=dtype)])
+            if w == 0:  # only ignored targets here: the share adds nothing (its mean loss is 0/0)
+                loss_part = torch.zeros((), dtype=dtype)
+                grads = tuple(None if g is None else torch.zeros_like(g) for g in grads)
+            else:
+                loss_part = w * loss.detach().reshape(()).to(dtype)
+            device = params[0].device
+            head = torch.stack([loss_part.to(device), torch.tensor(w, dtype=dtype, device=device)])
             flags = torch.tensor([g is not None for g in grads] + [0] * world, dtype=dtype)
             flags[len(params) + me] = len(closure.X)
             parts = [head.to(parts[0].device), *(z if g is None else w * g.detach().to(dtype)
@@ -226,7 +232,8 @@ class SecondOrderOptimizer(Optimizer, ABC):
         try:
             w, _ = closure.weight()
             with torch.no_grad(), curvature_pass(closure.network), self._same_randomness(params):
-                value = (w * closure.loss().detach().to(torch.float64)).reshape(1).to(value.device)
+                if w != 0:  # only ignored targets here: the share adds nothing (its mean loss is 0/0)
+                    value = (w * closure.loss().detach().to(torch.float64)).reshape(1).to(value.device)
         except Exception as exc:  # raised on every rank after the collective, not here before it
             failure = exc
         total = float(distributed.sum_across([value], failure=failure)[0])

@@ -75,7 +75,23 @@ def _ranks(rank, world):
         opt.step(curvopt.batch_closure(model, nn.CrossEntropyLoss(), X, bad))
     except IndexError as e:
         errors.append(str(e))
-    return out, errors
+    return out, errors, {name: _padded(name, rank) for name, _ in CASES}
+
+
+def _padded(name, rank=None):
+    """One step on 8 samples whose last 2 targets are padding, held alone by rank 1: (loss, parameters)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    X, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    y[6:] = -100
+    if rank is not None:
+        part = slice(0, 6) if rank == 0 else slice(6, None)
+        X, y = X[part], y[part]
+    opt = getattr(curvopt, name)(model.parameters(), curvature="ggn", seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        opt.step(curvopt.batch_closure(model, nn.CrossEntropyLoss(), X, y))
+    return opt.stats.loss, torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +118,14 @@ def test_plain_closures_and_one_failing_rank_raise_on_every_rank(ranks):
     plain1, failed1 = ranks[1][1]
     assert "batch_closure" in plain0 and plain0 == plain1
     assert failed0 == failed1 and failed0.startswith("rank 1: ")
+
+
+@pytest.mark.parametrize("name", [name for name, _ in CASES])
+def test_a_rank_holding_only_ignored_targets_adds_nothing(ranks, name):
+    """A share whose targets are all padding weighs 0 (its own mean loss is 0/0): the step is one process's
+    (before, its NaN poisoned the global loss and no step was taken)."""
+    loss, params = _padded(name)
+    for r in ranks:
+        r_loss, r_params = r[2][name]
+        assert r_loss == pytest.approx(loss, rel=1e-12)
+        torch.testing.assert_close(r_params, params, rtol=1e-10, atol=1e-12)
