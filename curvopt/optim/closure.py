@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvopt.curvature.params import unwrap_model
+
 
 class BatchClosure:
     """``loss_fn(model(X), y)`` on one mini-batch.
@@ -44,10 +46,7 @@ class BatchClosure:
         """The model, looked through a ``DistributedDataParallel`` wrapper: the optimizers differentiate
         it with ``torch.autograd.grad`` and reduce the gradients themselves, so DDP's reducer (which
         would average them with equal weights, and expects a ``backward``) must not take part."""
-        model = self.model
-        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        return model
+        return unwrap_model(self.model)
 
     def loss(self) -> torch.Tensor:
         """The loss on the batch (with a graph when gradients are enabled); no backward."""

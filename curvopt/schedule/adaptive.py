@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from curvopt.curvature.model_state import curvature_pass
+from curvopt.curvature.params import unwrap_model
 from curvopt.errors import NonFiniteLossError, OptionError
-from curvopt.schedule.base import LR_SCALINGS, BatchSizeSchedule, _positive_int, inner_module, lr_factor
+from curvopt.schedule.base import LR_SCALINGS, BatchSizeSchedule, _positive_int, lr_factor
 from curvopt.schedule.fgsm import FGSM
 
 #: Seed offset of the probe set's draw (kept apart from the sampler's permutations).
@@ -135,7 +136,7 @@ class AdaptiveBatchSize(BatchSizeSchedule):
         from curvopt.linalg.lanczos import lanczos
 
         data = self.probe_batches()
-        model = inner_module(self.model)
+        model = unwrap_model(self.model)
         options = dict(self.curvature_options)
         if self.world > 1:
             options.setdefault("process_group", self.process_group)
@@ -237,7 +238,7 @@ class AdaptiveBatchSize(BatchSizeSchedule):
             return X, y
         X = X.clone()
         device = self.device
-        X[:m] = self.adversarial.perturb(inner_module(self.model), self.loss_fn, X[:m].to(device),
+        X[:m] = self.adversarial.perturb(unwrap_model(self.model), self.loss_fn, X[:m].to(device),
                                          y[:m].to(device), micro_batch_size=self.micro_batch_size).to(X.device)
         return X, y
 

@@ -45,14 +45,6 @@ def lr_factor(ratio: float, scaling: str) -> float:
     return 1.0
 
 
-def inner_module(model: nn.Module) -> nn.Module:
-    """The network inside a ``DistributedDataParallel`` wrapper (the model itself otherwise): probes and FGSM
-    run on it, so that DDP's gradient reducer never fires outside a training step."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise OptionError(f"{name} must be a positive integer, got {value!r}")
