@@ -9,6 +9,7 @@ from torch import nn
 import curvopt
 from curvopt.models import digits_cnn, mlp
 from curvopt_tests.host_reads import CountHostReads
+from curvopt_tests.optim.test_kfac_optimizer import _train
 
 #: Tensor methods that copy device data to the host (a synchronisation on an accelerator).
 HOST_READS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "__complex__"}
@@ -120,13 +121,6 @@ def test_resumed_between_factor_updates_preconditions_like_the_original():
     for a, b in zip(model.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     assert "diag" not in ropt.state[resumed[0].weight]
-
-
-def _train(model, opt, batches):
-    for X, y in batches:
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(X), y).backward()
-        opt.step()
 
 
 def test_each_step_applies_the_inverses_stored_for_it_across_refreshes_and_a_loaded_state():
